@@ -1,0 +1,63 @@
+"""Validation metrics: mean loss, perplexity and bits per byte over a token file.
+
+Windows are the loader's deterministic, non-overlapping full-context windows.
+Bits per byte = (summed loss in nats) / ln 2 / (UTF-8 bytes of the target text),
+comparable across tokenizers; the bytes come from decoding each window's targets
+with the run's tokenizer (special tokens such as EOS decode to zero bytes).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import mlx.core as mx
+import numpy as np
+
+from .data import TokenLoader
+
+
+@dataclass
+class EvalResult:
+    loss: float
+    tokens: int
+    bytes: int
+
+    @property
+    def perplexity(self) -> float:
+        return math.exp(min(self.loss, 700.0))
+
+    @property
+    def bits_per_byte(self) -> float:
+        return self.loss * self.tokens / math.log(2) / max(self.bytes, 1)
+
+    def as_dict(self) -> dict:
+        return {
+            "val_loss": self.loss,
+            "val_ppl": self.perplexity,
+            "val_bpb": self.bits_per_byte,
+            "val_tokens": self.tokens,
+        }
+
+
+def count_bytes(batches: list[np.ndarray], decode: Callable[[list[int]], str]) -> int:
+    """UTF-8 bytes of the target tokens (all but the first of each window)."""
+    return sum(len(decode(row[1:].tolist()).encode("utf-8")) for b in batches for row in b)
+
+
+class Evaluator:
+    """Evaluates a model on a fixed set of validation windows (cached between calls)."""
+
+    def __init__(self, loader: TokenLoader, batch_size: int, max_tokens: int, decode):
+        self.batches = list(loader.val_batches(batch_size, max_tokens))
+        self.tokens = sum(b.shape[0] * (b.shape[1] - 1) for b in self.batches)
+        self.bytes = count_bytes(self.batches, decode)
+
+    def __call__(self, loss_sum_fn: Callable[[mx.array], mx.array]) -> EvalResult:
+        """`loss_sum_fn(batch)` returns the summed next-token loss of a batch."""
+        total = mx.array(0.0)
+        for batch in self.batches:
+            total = total + loss_sum_fn(mx.array(batch, dtype=mx.int32))
+            mx.eval(total)  # bound memory: one batch in flight
+        return EvalResult(total.item() / max(self.tokens, 1), self.tokens, self.bytes)

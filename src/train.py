@@ -1,0 +1,284 @@
+"""Train a model: `python -m src.train --config configs/tiny.yaml`.
+
+Order of work: resolve the config, check the output folders, take the run lock,
+check a resume target against the config, open the tokenizer and token files
+(every user mistake is reported before any array is allocated), then build the
+model and run the compiled step. Logs go to logs/<run>/, checkpoints to
+checkpoints/<run>/step_<N>/. SIGINT/SIGTERM finish the current step, save and
+exit 0; a second Ctrl-C exits at once (the last committed checkpoint stays valid).
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import shutil
+import signal
+import sys
+import time
+from pathlib import Path
+
+import mlx.core as mx
+from mlx.utils import tree_flatten, tree_unflatten
+from tqdm import tqdm
+
+from . import blas
+from . import checkpoint as ckpt
+from .config import Config, ConfigError, dump_config, load_config
+from .data import DataError, TokenLoader
+from .eval import Evaluator
+from .generate import generate_tokens
+from .model import Model, estimate_training_memory
+from .optim import build_optimizer
+from .runlog import RunLog, StopSignal, check_resume_compatible, fmt_bytes
+from .step import make_eval_fn, make_train_step, resolve_precision, step_seed
+from .tokenizer import Tokenizer, TokenizerError
+
+USER_ERRORS = (ConfigError, DataError, TokenizerError, ckpt.CheckpointError)
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(
+        prog="python -m src.train",
+        description="Train a GPT-style language model with MLX.",
+        epilog="Example: python -m src.train --config configs/tiny.yaml "
+        "--set training.learning_rate=3e-4 --resume auto",
+    )
+    p.add_argument("--config", required=True, help="YAML config file (see configs/)")
+    p.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="SECTION.KEY=VALUE",
+        help="override a config value, e.g. training.max_steps=200 (repeatable)",
+    )
+    p.add_argument(
+        "--resume",
+        metavar="auto|PATH",
+        help="continue a run: 'auto' = newest valid checkpoint of this run, "
+        "or a checkpoint folder (e.g. checkpoints/<run>/latest)",
+    )
+    p.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="start from scratch even if this run already has checkpoints "
+        "(deletes them and the run's logs)",
+    )
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    try:
+        cfg = load_config(args.config, args.set)
+        return Trainer(cfg, args.resume, args.overwrite).run()
+    except USER_ERRORS as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+
+
+class Trainer:
+    def __init__(self, cfg: Config, resume: str | None = None, overwrite: bool = False):
+        self.cfg = cfg
+        t, m = cfg.training, cfg.model
+        self.ckpt_dir = ckpt.check_writable(Path(cfg.checkpoint.dir) / cfg.run_name)
+        self.log_dir = ckpt.check_writable(Path(cfg.logging.dir) / cfg.run_name)
+        self.lock = ckpt.RunLock(self.ckpt_dir)
+        self.lock.acquire()
+        self.resume_path = self._resolve_resume(resume, overwrite)
+
+        self.tokenizer = Tokenizer.load(cfg.data.tokenizer_path)
+        if self.tokenizer.vocab_size > m.vocab_size:
+            raise ConfigError(
+                f"model.vocab_size={m.vocab_size} is smaller than the tokenizer's "
+                f"vocabulary ({self.tokenizer.vocab_size}, {cfg.data.tokenizer_path})"
+            )
+        if self.resume_path is not None:
+            meta = ckpt.read_meta(self.resume_path)
+            check_resume_compatible(meta, cfg, self.tokenizer.sha256)
+        self.train_data = TokenLoader(cfg.data.train_path, m.context_length, m.vocab_size)
+        self.val_data = TokenLoader(cfg.data.val_path, m.context_length, m.vocab_size)
+        self.log = RunLog(self.log_dir, cfg.logging.progress_bar)
+        self.stop = StopSignal()
+        self.tokens_per_step = t.batch_size * t.grad_accum_steps * m.context_length
+
+    def _resolve_resume(self, resume: str | None, overwrite: bool) -> Path | None:
+        existing = ckpt.list_checkpoints(self.ckpt_dir)
+        if resume:
+            return ckpt.resolve_resume(resume, self.ckpt_dir)
+        if existing and not overwrite:
+            raise ConfigError(
+                f"{self.ckpt_dir} already has checkpoints (newest {existing[-1].name}); "
+                "pass --resume auto to continue it, --overwrite to start over, "
+                "or pick another name with --set run_name=NAME"
+            )
+        if overwrite:
+            for folder in (self.ckpt_dir, self.log_dir):
+                for path in folder.iterdir():
+                    if path.name == ".lock":
+                        continue
+                    if path.is_dir() and not path.is_symlink():
+                        shutil.rmtree(path)
+                    else:
+                        path.unlink()
+        return None
+
+    # ------------------------------------------------------------------ setup
+
+    def _build(self) -> int:
+        cfg, t = self.cfg, self.cfg.training
+        mx.random.seed(t.seed)
+        self.model = Model(cfg.model)
+        self.optimizer = build_optimizer(self.model, t)
+        start = 0
+        if self.resume_path is not None:
+            weights, opt_state, meta = ckpt.load_checkpoint(self.resume_path)
+            self.model.load_weights(list(weights.items()), strict=True)
+            self.optimizer.state = tree_unflatten(list(opt_state.items()))
+            start = int(meta["step"])
+            self.best = meta.get("best_val_loss", math.inf)
+            self.log.info(f"resumed from {self.resume_path} at step {start}")
+        else:
+            self.best = math.inf
+        mx.eval(self.model.parameters(), self.optimizer.state)
+        self.compute_dtype = resolve_precision(t.precision)
+        self.train_step = make_train_step(
+            self.model, self.optimizer, t, self.compute_dtype, compile=t.compile
+        )
+        self.eval_fn = make_eval_fn(self.model, compile=t.compile)
+        self.evaluator = Evaluator(
+            self.val_data, t.batch_size, cfg.eval.max_tokens, self.tokenizer.decode
+        )
+        return start
+
+    def _announce(self, start: int) -> None:
+        cfg, m, t = self.cfg, self.cfg.model, self.cfg.training
+        est = estimate_training_memory(m, t.batch_size)
+        self.log.info(blas.describe())
+        self.log.info(
+            f"device {mx.default_device()}, compute {self.compute_dtype}, "
+            f"compiled step: {t.compile}"
+        )
+        self.log.info(
+            f"model: {self.model.num_params():,} parameters "
+            f"(d={m.d_model}, layers={m.n_layers}, heads={m.n_heads}/{m.kv_heads}, "
+            f"ffn={m.ffn_dim}, context={m.context_length}, vocab={m.vocab_size}); "
+            f"training memory estimate ~{fmt_bytes(est)}"
+        )
+        self.log.info(
+            f"data: {self.train_data.n_tokens:,} train / {self.val_data.n_tokens:,} val "
+            f"tokens; {self.tokens_per_step:,} tokens per step "
+            f"({t.batch_size} x {t.grad_accum_steps} x {m.context_length}); "
+            f"steps {start} -> {t.max_steps}"
+        )
+        self.log.write_config(dump_config(cfg))
+
+    # ------------------------------------------------------------------- loop
+
+    def run(self) -> int:
+        with self.lock, self.stop:
+            start = self._build()
+            self._announce(start)
+            self.log.truncate_after(start)
+            return self._loop(start)
+
+    def _loop(self, start: int) -> int:
+        cfg, t = self.cfg, self.cfg.training
+        bar = self.log.progress(start, t.max_steps)
+        pending: list[tuple[int, mx.array, mx.array, mx.array, mx.array]] = []
+        consecutive_bad, last_saved = 0, start
+        tic, tic_step = time.perf_counter(), start
+        step = start
+        while step < t.max_steps and not self.stop.requested:
+            batch = self.train_data.batch(t.seed, step, t.batch_size * t.grad_accum_steps)
+            batch = batch.reshape(t.grad_accum_steps, t.batch_size, -1)
+            mx.random.seed(step_seed(t.seed, step))
+            loss, grad_norm, ok = self.train_step(mx.array(batch, dtype=mx.int32))
+            lr = self.optimizer.learning_rate
+            mx.eval(self.model.state, self.optimizer.state, loss, grad_norm, ok, lr)
+            step += 1
+            bar.update(1)
+            pending.append((step, loss, grad_norm, ok, lr))
+
+            boundary = step == t.max_steps or self.stop.requested
+            eval_now = cfg.eval.interval and step % cfg.eval.interval == 0
+            save_now = cfg.checkpoint.interval and step % cfg.checkpoint.interval == 0
+            if step % cfg.logging.interval == 0 or boundary or eval_now or save_now:
+                elapsed = time.perf_counter() - tic
+                tps = self.tokens_per_step * (step - tic_step) / max(elapsed, 1e-9)
+                consecutive_bad = self.log.flush_steps(
+                    pending, tps, consecutive_bad, t.spike_factor, bar
+                )
+                pending = []
+                if consecutive_bad >= t.max_consecutive_skips:
+                    self.log.error(
+                        f"stopping: {consecutive_bad} consecutive steps with a non-finite "
+                        f"loss or gradient (up to step {step}); lower the learning rate "
+                        "or check the data"
+                    )
+                    return 1
+                tic, tic_step = time.perf_counter(), step
+            metric = None
+            if eval_now or boundary:
+                metric = self._evaluate(step)
+            if save_now or boundary:
+                self._save(step, metric)
+                last_saved = step
+                tic = time.perf_counter()  # keep eval/save time out of tokens/s
+        bar.close()
+        if self.stop.requested:
+            self.log.info(f"stopped by signal; saved step {last_saved}")
+        return 0
+
+    def _evaluate(self, step: int) -> float:
+        self.model.eval()
+        result = self.evaluator(self.eval_fn)
+        self.model.train()
+        self.log.eval_row(step, result.as_dict())
+        for prompt in self.cfg.eval.sample_prompts:
+            if self.cfg.eval.sample_tokens:
+                self.log.sample(step, prompt, self.sample(prompt))
+        return result.loss
+
+    def sample(self, prompt: str) -> str:
+        e = self.cfg.eval
+        self.model.eval()
+        ids = self.tokenizer.encode(prompt)
+        out = generate_tokens(
+            self.model, ids, e.sample_tokens, e.temperature,
+            seed=self.cfg.training.seed, eos_id=self.tokenizer.eos_id,
+        )
+        text = self.tokenizer.decode(list(out))
+        self.model.train()
+        return text
+
+    def _save(self, step: int, metric: float | None) -> None:
+        cfg = self.cfg
+        if metric is not None and metric < self.best:
+            self.best = metric
+        meta = {
+            "config": cfg.to_dict(),
+            "step": step,
+            "data_position": {"seed": cfg.training.seed, "next_step": step},
+            "seed": cfg.training.seed,
+            "tokenizer_sha256": self.tokenizer.sha256,
+            "world_size": 1,
+            "val_loss": metric,
+            "best_val_loss": self.best,
+            "mlx_version": mx.__version__,
+        }
+        path = ckpt.save_checkpoint(
+            self.ckpt_dir,
+            step,
+            dict(tree_flatten(self.model.parameters())),
+            dict(tree_flatten(self.optimizer.state)),
+            meta,
+            tokenizer_dir=self.tokenizer.dir,
+            keep_last=cfg.checkpoint.keep_last,
+            metric=metric,
+        )
+        self.log.info(f"saved {path}")
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,137 @@
+"""The training step: compiled == eager, learning, guards, optimizer details."""
+
+import math
+
+import mlx.core as mx
+import numpy as np
+import pytest
+from mlx.utils import tree_flatten
+
+from src.config import TrainingConfig, config_from_dict
+from src.model import Model
+from src.optim import build_optimizer, decay_mask, lr_schedule
+from src.step import make_train_step
+
+
+def setup(compile, accum=2, **train):
+    cfg = config_from_dict({
+        "model": dict(vocab_size=61, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2,
+                      context_length=16, dropout=train.pop("dropout", 0.0)),
+        "training": {**dict(batch_size=4, grad_accum_steps=accum, warmup_steps=3,
+                            max_steps=30, learning_rate=3e-3), **train},
+    })
+    mx.random.seed(0)
+    model = Model(cfg.model)
+    opt = build_optimizer(model, cfg.training)
+    return model, opt, make_train_step(model, opt, cfg.training, compile=compile), cfg
+
+
+def batches(n, accum=2, seed=0):
+    rng = np.random.default_rng(seed)
+    return [mx.array(rng.integers(0, 61, (accum, 4, 17)), dtype=mx.int32) for _ in range(n)]
+
+
+def run(step, model, opt, data, seed=None):
+    losses = []
+    for i, b in enumerate(data):
+        if seed is not None:
+            mx.random.seed(seed + i)
+        loss, gnorm, ok = step(b)
+        mx.eval(model.state, opt.state, loss)
+        losses.append(loss.item())
+    return losses
+
+
+@pytest.mark.parametrize("dropout", [0.0, 0.1])
+def test_compiled_equals_eager(dropout):
+    data = batches(6)
+    m1, o1, s1, _ = setup(compile=True, dropout=dropout)
+    m2, o2, s2, _ = setup(compile=False, dropout=dropout)
+    l1, l2 = run(s1, m1, o1, data, seed=7), run(s2, m2, o2, data, seed=7)
+    assert np.allclose(l1, l2, rtol=1e-5, atol=1e-5), (l1, l2)
+    for (k, a), (_, b) in zip(tree_flatten(m1.parameters()), tree_flatten(m2.parameters())):
+        d = mx.abs(a - b)
+        assert d.max().item() < 1e-5, f"{k}: max {d.max().item():.3g} mean {d.mean().item():.3g}"
+
+
+def test_accumulation_equals_big_batch():
+    """2 micro-batches of 4 == one batch of 8 (same mean loss and update)."""
+    data = batches(3, accum=2)
+    m1, o1, s1, _ = setup(compile=True, accum=2)
+    m2, o2, s2, _ = setup(compile=True, accum=1)
+    l1 = run(s1, m1, o1, data)
+    l2 = run(s2, m2, o2, [b.reshape(1, 8, 17) for b in data])
+    assert np.allclose(l1, l2, rtol=1e-5), (l1, l2)
+
+
+def test_overfits_a_tiny_corpus():
+    model, opt, step, _ = setup(compile=True, accum=1, learning_rate=1e-2, max_steps=60)
+    data = batches(1, accum=1) * 60
+    losses = run(step, model, opt, data)
+    assert losses[-1] < 0.25 * losses[0], losses
+
+
+def test_every_parameter_moves():
+    model, opt, step, _ = setup(compile=True)
+    before = dict(tree_flatten(model.parameters()))
+    run(step, model, opt, batches(1))
+    after = dict(tree_flatten(model.parameters()))
+    frozen = [k for k in before if mx.array_equal(before[k], after[k])]
+    assert not frozen, frozen
+
+
+def test_non_finite_step_is_skipped():
+    model, opt, step, _ = setup(compile=True)
+    run(step, model, opt, batches(2))
+    params = dict(tree_flatten(model.parameters()))
+    state = dict(tree_flatten(opt.state))
+    # poison one weight so the loss is NaN, then restore it after the step
+    w = model.model.layers[0].mlp.up_proj.weight
+    model.model.layers[0].mlp.up_proj.weight = mx.full(w.shape, math.nan)
+    loss, gnorm, ok = step(batches(1, seed=5)[0])
+    mx.eval(model.state, opt.state, loss, ok)
+    assert not ok.item() and math.isnan(loss.item())
+    model.model.layers[0].mlp.up_proj.weight = w
+    for k, v in tree_flatten(opt.state):
+        assert mx.array_equal(v, state[k]), f"optimizer state {k} changed"
+    for k, v in tree_flatten(model.parameters()):
+        if "up_proj" not in k or "layers.0." not in k:
+            assert mx.array_equal(v, params[k]), f"parameter {k} changed"
+    # and training continues normally afterwards
+    loss, _, ok = step(batches(1, seed=6)[0])
+    mx.eval(loss, ok)
+    assert ok.item() and math.isfinite(loss.item())
+
+
+def test_schedule_warmup_and_floor():
+    cfg = TrainingConfig(learning_rate=1.0, warmup_steps=10, max_steps=110, min_lr_ratio=0.1)
+    lr = lr_schedule(cfg)
+    values = [lr(mx.array(s)).item() for s in range(0, 120)]
+    assert values[0] == pytest.approx(0.1) and values[9] == pytest.approx(1.0)
+    assert values[10] == pytest.approx(1.0)
+    assert values[60] == pytest.approx(0.55, abs=1e-4)  # half way down the cosine
+    assert values[110] == pytest.approx(0.1) and values[119] == pytest.approx(0.1)
+    assert all(a >= b - 1e-7 for a, b in zip(values[10:], values[11:]))
+
+
+def test_weight_decay_mask():
+    model, *_ = setup(compile=False)
+    mask = dict(tree_flatten(decay_mask(model, decay_embeddings=False)))
+    assert mask["model.layers.0.self_attn.q_proj.weight"] is True
+    assert mask["model.layers.0.input_layernorm.weight"] is False
+    assert mask["model.embed_tokens.weight"] is False
+    assert dict(tree_flatten(decay_mask(model, True)))["model.embed_tokens.weight"] is True
+
+
+def test_decay_applies_only_to_masked():
+    """With zero gradients Adam's update is 0, so only decayed weights shrink."""
+    model, opt, *_ = setup(compile=False, weight_decay=0.5)
+    before = dict(tree_flatten(model.parameters()))
+    grads = {k: mx.zeros_like(v) for k, v in before.items()}
+    from mlx.utils import tree_unflatten
+    opt.update(model, tree_unflatten(list(grads.items())))
+    after = dict(tree_flatten(model.parameters()))
+    assert mx.array_equal(after["model.embed_tokens.weight"], before["model.embed_tokens.weight"])
+    assert mx.array_equal(after["model.norm.weight"], before["model.norm.weight"])
+    q = "model.layers.0.self_attn.q_proj.weight"
+    assert mx.allclose(after[q], before[q] * (1 - 0.5 * opt.learning_rate.item()))
