@@ -19,7 +19,7 @@ import time
 from pathlib import Path
 
 import mlx.core as mx
-from mlx.utils import tree_flatten, tree_unflatten
+from mlx.utils import tree_flatten
 from tqdm import tqdm
 
 from . import blas
@@ -29,7 +29,7 @@ from .data import DataError, TokenLoader
 from .eval import Evaluator
 from .generate import generate_tokens
 from .model import Model, estimate_training_memory
-from .optim import build_optimizer
+from .optim import build_optimizer, load_optimizer_state
 from .runlog import RunLog, StopSignal, check_resume_compatible, fmt_bytes
 from .step import make_eval_fn, make_train_step, resolve_precision, step_seed
 from .tokenizer import Tokenizer, TokenizerError
@@ -71,20 +71,37 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:
         cfg = load_config(args.config, args.set)
-        return Trainer(cfg, args.resume, args.overwrite).run()
+        return train(cfg, args.resume, args.overwrite)
     except USER_ERRORS as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
 
 
+def _warn(msg: str) -> None:
+    print(f"warning: {msg}", file=sys.stderr)
+
+
+def train(cfg: Config, resume: str | None = None, overwrite: bool = False) -> int:
+    """Run (or continue) the training run `cfg` describes; returns the exit code."""
+    # Fail in the first second, not at the first save hours later (C11).
+    ckpt_dir = ckpt.check_writable(Path(cfg.checkpoint.dir) / cfg.run_name)
+    log_dir = ckpt.check_writable(Path(cfg.logging.dir) / cfg.run_name)
+    with ckpt.RunLock(ckpt_dir):
+        return Trainer(cfg, ckpt_dir, log_dir, resume, overwrite).run()
+
+
 class Trainer:
-    def __init__(self, cfg: Config, resume: str | None = None, overwrite: bool = False):
+    def __init__(
+        self,
+        cfg: Config,
+        ckpt_dir: Path,
+        log_dir: Path,
+        resume: str | None = None,
+        overwrite: bool = False,
+    ):
         self.cfg = cfg
         t, m = cfg.training, cfg.model
-        self.ckpt_dir = ckpt.check_writable(Path(cfg.checkpoint.dir) / cfg.run_name)
-        self.log_dir = ckpt.check_writable(Path(cfg.logging.dir) / cfg.run_name)
-        self.lock = ckpt.RunLock(self.ckpt_dir)
-        self.lock.acquire()
+        self.ckpt_dir, self.log_dir = ckpt_dir, log_dir
         self.resume_path = self._resolve_resume(resume, overwrite)
 
         self.tokenizer = Tokenizer.load(cfg.data.tokenizer_path)
@@ -105,7 +122,7 @@ class Trainer:
     def _resolve_resume(self, resume: str | None, overwrite: bool) -> Path | None:
         existing = ckpt.list_checkpoints(self.ckpt_dir)
         if resume:
-            return ckpt.resolve_resume(resume, self.ckpt_dir)
+            return ckpt.resolve_resume(resume, self.ckpt_dir, warn=_warn)
         if existing and not overwrite:
             raise ConfigError(
                 f"{self.ckpt_dir} already has checkpoints (newest {existing[-1].name}); "
@@ -133,10 +150,14 @@ class Trainer:
         start = 0
         if self.resume_path is not None:
             weights, opt_state, meta = ckpt.load_checkpoint(self.resume_path)
-            self.model.load_weights(list(weights.items()), strict=True)
-            self.optimizer.state = tree_unflatten(list(opt_state.items()))
+            try:
+                self.model.load_weights(list(weights.items()), strict=True)
+                params = self.model.trainable_parameters()
+                load_optimizer_state(self.optimizer, opt_state, params)
+            except ValueError as exc:
+                raise ckpt.CheckpointError(f"{self.resume_path}: {exc}") from None
             start = int(meta["step"])
-            self.best = meta.get("best_val_loss", math.inf)
+            self.best = meta.get("best_val_loss") or math.inf
             self.log.info(f"resumed from {self.resume_path} at step {start}")
         else:
             self.best = math.inf
@@ -176,7 +197,7 @@ class Trainer:
     # ------------------------------------------------------------------- loop
 
     def run(self) -> int:
-        with self.lock, self.stop:
+        with self.stop:
             start = self._build()
             self._announce(start)
             self.log.truncate_after(start)
@@ -264,7 +285,7 @@ class Trainer:
             "tokenizer_sha256": self.tokenizer.sha256,
             "world_size": 1,
             "val_loss": metric,
-            "best_val_loss": self.best,
+            "best_val_loss": self.best if math.isfinite(self.best) else None,
             "mlx_version": mx.__version__,
         }
         path = ckpt.save_checkpoint(

@@ -1,4 +1,38 @@
 """Shared fixtures. Importing `src` first loads the optimized BLAS before any test
 module imports mlx.core (see src/blas.py)."""
 
+from pathlib import Path
+
+import pytest
+
 import src  # noqa: F401  (must precede every mlx import)
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARED_DATA = ROOT.parent / "shared" / "data"
+
+
+@pytest.fixture(scope="session")
+def tiny_corpus(tmp_path_factory) -> Path:
+    """~250 KB of real TinyStories text (whole stories), from ../shared/data."""
+    src_file = SHARED_DATA / "tinystories_train.txt"
+    if not src_file.exists():
+        pytest.skip(f"{src_file} not found (the shared corpora sit beside the repo)")
+    text = src_file.read_text(encoding="utf-8")[:250_000]
+    text = text[: text.rfind("<|endoftext|>\n") + len("<|endoftext|>\n")]
+    path = tmp_path_factory.mktemp("corpus") / "stories.txt"
+    path.write_text(text, encoding="utf-8")
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_dataset(tiny_corpus, tmp_path_factory) -> dict:
+    """A 512-token tokenizer and train/val token files made with the real CLIs."""
+    from src import data, tokenizer
+
+    out = tmp_path_factory.mktemp("dataset")
+    tok_dir, data_dir = out / "tokenizer", out / "tokens"
+    assert tokenizer.main(["train", "--input", str(tiny_corpus), "--output", str(tok_dir),
+                           "--vocab-size", "512"]) == 0
+    assert data.main(["prepare", "--input", str(tiny_corpus), "--tokenizer", str(tok_dir),
+                      "--output", str(data_dir)]) == 0
+    return {"tokenizer": tok_dir, "train": data_dir / "train.bin", "val": data_dir / "val.bin"}

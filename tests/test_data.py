@@ -1,0 +1,371 @@
+"""Token files (V2), the batch loader, `prepare`, and corpus discovery."""
+
+from __future__ import annotations
+
+import json
+import random
+import struct
+import subprocess
+import sys
+import types
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from src import data as D
+from src.data import DataError, TokenLoader, validate_token_file, write_tokens
+from src.tokenizer import Tokenizer, train_tokenizer
+
+SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory) -> Path:
+    """The first ~200 KB of TinyStories, cut after a whole story."""
+    source = SHARED_DATA / "tinystories_train.txt"
+    if not source.is_file():
+        pytest.skip(f"{source} not found (the shared corpora sit beside the repo)")
+    with open(source, "rb") as f:
+        head = f.read(200_000)
+    end = head.rindex(b"<|endoftext|>\n") + len(b"<|endoftext|>\n")
+    path = tmp_path_factory.mktemp("corpus") / "stories.txt"
+    path.write_bytes(head[:end])
+    return path
+
+
+VOCAB, CTX = 1000, 16
+
+
+@pytest.fixture
+def token_file(tmp_path) -> Path:
+    path = tmp_path / "tokens.bin"
+    write_tokens(path, np.arange(500) % VOCAB, VOCAB)
+    return path
+
+
+# ------------------------------------------------------------------ token files
+
+
+@pytest.mark.parametrize("vocab, itemsize", [(1000, 2), (65536, 2), (65537, 4)])
+def test_write_read_round_trip(tmp_path, vocab, itemsize):
+    tokens = np.random.default_rng(0).integers(0, vocab, 1234)
+    path = tmp_path / "t.bin"
+    header = write_tokens(path, tokens.tolist(), vocab)
+    assert header == D.read_header(path)
+    assert (header.itemsize, header.n_tokens, header.vocab_size) == (
+        itemsize,
+        1234,
+        vocab,
+    )
+    assert path.stat().st_size == 32 + 1234 * itemsize
+    np.testing.assert_array_equal(D.open_tokens(path), tokens)
+    assert validate_token_file(path, vocab, CTX) == header
+    assert list(tmp_path.iterdir()) == [path], "no temp files left behind"
+
+
+def test_write_rejects_bad_ids_and_leaves_nothing(tmp_path):
+    for bad in ([1, 2, VOCAB], [-1, 3]):
+        with pytest.raises(ValueError, match="outside"):
+            write_tokens(tmp_path / "t.bin", bad, VOCAB)
+    assert list(tmp_path.iterdir()) == []
+
+
+def _patch(path: Path, offset: int, data: bytes) -> None:
+    with open(path, "r+b") as f:
+        f.seek(offset)
+        f.write(data)
+
+
+def _corrupt(path: Path, case: str) -> int:
+    """Damage a good 500-token file; return the vocab size to validate with."""
+    if case == "bad magic":
+        _patch(path, 0, b"GPT2TOKS")
+    elif case == "version":
+        _patch(path, 8, struct.pack("<I", 7))
+    elif case == "itemsize":
+        _patch(path, 12, struct.pack("<I", 3))
+    elif case == "truncated":
+        path.write_bytes(path.read_bytes()[:-3])
+    elif case == "trailing":
+        path.write_bytes(path.read_bytes() + b"\0\0")
+    elif case == "header only":
+        path.write_bytes(path.read_bytes()[:20])
+    elif case == "empty":
+        write_tokens(path, [], VOCAB)
+    elif case == "too short":
+        write_tokens(path, list(range(CTX)), VOCAB)
+    elif case == "id >= vocab":
+        _patch(path, 32 + 2 * 123, struct.pack("<H", VOCAB + 7))
+    elif case == "larger vocab":
+        return VOCAB // 2
+    elif case == "missing":
+        path.unlink()
+    return VOCAB
+
+
+@pytest.mark.parametrize(
+    "case, message",
+    [
+        ("bad magic", "not a token file"),
+        ("version", "unsupported version 7"),
+        ("itemsize", "unsupported itemsize 3"),
+        ("truncated", "truncated"),
+        ("trailing", "trailing bytes"),
+        ("header only", "too short for a token file"),
+        ("empty", "empty token file"),
+        ("too short", "fewer than context_length"),
+        ("id >= vocab", f"token id {VOCAB + 7} >= vocab_size {VOCAB}.*position 123"),
+        ("larger vocab", "written for vocab_size 1000"),
+        ("missing", "not found"),
+    ],
+)
+def test_validate_rejects_corruption(token_file, case, message):
+    vocab = _corrupt(token_file, case)
+    with pytest.raises(DataError, match=message) as err:
+        validate_token_file(token_file, vocab, CTX)
+    assert str(token_file) in str(err.value), "the error must name the file"
+    with pytest.raises(DataError):
+        TokenLoader(token_file, CTX, vocab)
+
+
+def test_validate_scans_every_chunk(tmp_path, monkeypatch):
+    monkeypatch.setattr(D, "SCAN_CHUNK", 64)
+    path = tmp_path / "t.bin"
+    write_tokens(path, [1] * 1000, VOCAB)
+    _patch(path, 32 + 2 * 999, struct.pack("<H", VOCAB))  # in the last chunk
+    with pytest.raises(DataError, match="position 999"):
+        validate_token_file(path, VOCAB, CTX)
+
+
+# ----------------------------------------------------------------------- loader
+
+
+def test_batches_are_deterministic_slices(token_file):
+    loader = TokenLoader(token_file, CTX, VOCAB)
+    a = loader.batch(seed=3, step=10, batch_size=8)
+    assert a.dtype == np.int32 and a.shape == (8, CTX + 1) and type(a) is np.ndarray
+    np.testing.assert_array_equal(
+        a, TokenLoader(token_file, CTX, VOCAB).batch(3, 10, 8)
+    )
+    assert not np.array_equal(a, loader.batch(3, 11, 8)), "steps must differ"
+    assert not np.array_equal(a, loader.batch(4, 10, 8)), "seeds must differ"
+    # Token i of the file is i: each row is a real window (x[1:] follows x).
+    np.testing.assert_array_equal(a, a[:, :1] + np.arange(CTX + 1))
+    starts = np.concatenate([loader.batch(0, s, 64)[:, 0] for s in range(20)])
+    assert starts.min() >= 0 and starts.max() <= loader.n_tokens - CTX - 1
+    assert starts.max() > loader.n_tokens - 3 * CTX, "the file end is reachable"
+
+
+def test_val_batches_cover_non_overlapping_windows(token_file):
+    loader = TokenLoader(token_file, CTX, VOCAB)
+    n = loader.num_val_windows()
+    assert n == (500 - 1) // CTX
+    batches = list(loader.val_batches(batch_size=5))
+    assert [len(b) for b in batches] == [5] * (n // 5) + ([n % 5] if n % 5 else [])
+    rows = np.concatenate(batches)
+    np.testing.assert_array_equal(rows[:, 0], np.arange(n) * CTX)
+    np.testing.assert_array_equal(rows, rows[:, :1] + np.arange(CTX + 1))
+    again = np.concatenate(list(loader.val_batches(batch_size=3)))
+    np.testing.assert_array_equal(rows, again)
+    assert loader.num_val_windows(max_tokens=CTX * 2 + 1) == 3  # enough to cover
+    assert loader.num_val_windows(max_tokens=10**9) == n
+    assert sum(len(b) for b in loader.val_batches(4, max_tokens=CTX * 5)) == 5
+
+
+# ---------------------------------------------------------------------- prepare
+
+
+@pytest.fixture(scope="module")
+def stories(corpus) -> list[str]:
+    text = corpus.read_text(encoding="utf-8")
+    return [s.strip() for s in text.split("<|endoftext|>\n") if s.strip()]
+
+
+@pytest.fixture(scope="module")
+def tok_dir(corpus, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("tok")
+    train_tokenizer([corpus], out, vocab_size=512)
+    return out
+
+
+def write_corpus(path: Path, docs: list[str]) -> Path:
+    path.write_text("".join(f"{d}\n<|endoftext|>\n" for d in docs), encoding="utf-8")
+    return path
+
+
+def split_docs(tokens: np.ndarray, eos: int) -> list[tuple[int, ...]]:
+    assert tokens[-1] == eos, "every document ends with EOS"
+    cuts = np.flatnonzero(tokens == eos)[:-1] + 1
+    return [tuple(d.tolist()) for d in np.split(np.asarray(tokens), cuts)]
+
+
+def prepare(capsys, *argv) -> tuple[int, str]:
+    code = D.main(["prepare", *map(str, argv)])
+    return code, capsys.readouterr().err
+
+
+def test_prepare_writes_documents_with_eos(capsys, tmp_path, stories, tok_dir):
+    corpus = write_corpus(tmp_path / "c.txt", stories[:120] + stories[:5] + ["  ", ""])
+    out = tmp_path / "out"
+    code, err = prepare(
+        capsys, "--input", corpus, "--tokenizer", tok_dir, "--output", out
+    )
+    assert code == 0, err
+    tok = Tokenizer.load(tok_dir)
+    meta = json.loads((out / "meta.json").read_text())
+    assert meta["duplicates_dropped"] == 5
+    assert meta["tokenizer"] == {
+        "dir": str(tok_dir),
+        "sha256": tok.sha256,
+        "vocab_size": 512,
+    }
+    decoded = set()
+    for split in ("train", "val"):
+        tokens = D.open_tokens(out / f"{split}.bin")
+        docs = split_docs(tokens, tok.eos_id)
+        assert meta["splits"][split]["docs"] == len(docs) > 0
+        assert meta["splits"][split]["n_tokens"] == len(tokens)
+        decoded |= {tok.decode(d) for d in docs}
+    assert decoded == set(stories[:120]), "each story exactly once, intact"
+    assert sorted(p.name for p in out.iterdir()) == [
+        "meta.json",
+        "train.bin",
+        "val.bin",
+    ]
+
+
+def test_split_ignores_input_order(capsys, tmp_path, stories, tok_dir):
+    docs = stories[:150]
+    shuffled = random.Random(1).sample(docs, len(docs))
+    a1 = write_corpus(tmp_path / "a1.txt", docs[:70])
+    a2 = write_corpus(tmp_path / "a2.txt", docs[70:])
+    b1 = write_corpus(tmp_path / "b1.txt", shuffled[:30])
+    b2 = write_corpus(tmp_path / "b2.txt", shuffled[30:])
+    tokdir = ["--tokenizer", tok_dir]
+    assert (
+        prepare(capsys, "--input", a1, a2, *tokdir, "--output", tmp_path / "a")[0] == 0
+    )
+    assert (
+        prepare(capsys, "--input", b2, b1, *tokdir, "--output", tmp_path / "b")[0] == 0
+    )
+    for split in ("train", "val"):
+        a, b = (D.open_tokens(tmp_path / r / f"{split}.bin") for r in "ab")
+        assert sorted(split_docs(a, 3)) == sorted(split_docs(b, 3)), split
+
+
+@pytest.mark.parametrize(
+    "delimiter, text, n_docs",
+    [
+        ("blank", "one\ntwo\n\n\nthree\n  \nfour four\n", 3),
+        ("none", "whole\n\nfile\n<|endoftext|>\nstill\n", 1),
+        ("###", "a b\n###\nc d\n ### \ne f\n", 3),
+    ],
+)
+def test_delimiters(tmp_path, tok_dir, delimiter, text, n_docs):
+    corpus = tmp_path / "c.txt"
+    corpus.write_text(text)
+    docs = [d for d, _ in D.iter_documents(corpus, delimiter) if d]
+    assert len(docs) == n_docs
+    assert sum(n for _, n in D.iter_documents(corpus, delimiter)) == len(text)
+
+
+@pytest.mark.parametrize(
+    "case, message",
+    [
+        ("tiny", "validation split is empty"),
+        ("missing", "no such file"),
+        ("no tokenizer", "no tokenizer"),
+        ("binary", "binary file"),
+        ("val fraction", "--val-fraction"),
+    ],
+)
+def test_prepare_errors_exit_2(capsys, tmp_path, stories, tok_dir, case, message):
+    corpus = write_corpus(tmp_path / "c.txt", stories[:2])
+    tokdir = tmp_path / "none" if case == "no tokenizer" else tok_dir
+    extra = ["--val-fraction", "1.5"] if case == "val fraction" else []
+    if case == "missing":
+        corpus = tmp_path / "missing.txt"
+    if case == "binary":
+        corpus.write_bytes(b"\x00\x01\x02" * 100)
+    out = tmp_path / "out"
+    code, err = prepare(
+        capsys, "--input", corpus, "--tokenizer", tokdir, "--output", out, *extra
+    )
+    assert code == 2 and "error:" in err and message in err, err
+    assert "Traceback" not in err
+    assert not (out / "train.bin").exists() and not (out / "val.bin").exists()
+
+
+def test_max_docs(capsys, tmp_path, stories, tok_dir):
+    corpus = write_corpus(tmp_path / "c.txt", stories[:100])
+    out = tmp_path / "out"
+    argv = ["--input", corpus, "--tokenizer", tok_dir, "--output", out]
+    assert prepare(capsys, *argv, "--max-docs", "40")[0] == 0
+    splits = json.loads((out / "meta.json").read_text())["splits"]
+    assert splits["train"]["docs"] + splits["val"]["docs"] == 40
+
+
+# ---------------------------------------------------------------- corpus finding
+
+
+def test_expand_inputs(tmp_path):
+    (tmp_path / "sub").mkdir()
+    for name in ("b.txt", "a.txt", "sub/c.txt", "skip.md"):
+        (tmp_path / name).write_text("x\n")
+    found = D.expand_inputs([tmp_path, tmp_path / "a.txt", str(tmp_path / "*.txt")])
+    assert found == [tmp_path / n for n in ("a.txt", "b.txt", "sub/c.txt")]
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(DataError, match="no .txt files"):
+        D.expand_inputs([tmp_path / "empty"])
+    with pytest.raises(DataError, match="no files match"):
+        D.expand_inputs([str(tmp_path / "*.json")])
+    with pytest.raises(DataError, match="no input files"):
+        D.expand_inputs([])
+
+
+def test_find_corpus(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(D, "__file__", str(tmp_path / "repo" / "src" / "data.py"))
+    with pytest.raises(DataError, match="--data PATH.*src.data download"):
+        D.find_corpus()
+    raw = tmp_path / "data" / "raw"
+    raw.mkdir(parents=True)
+    (raw / "TinyStories-valid.txt").write_text("x\n")
+    assert D.find_corpus() == [Path("data/raw/TinyStories-valid.txt")]
+    (raw / "tinystories_train.txt").write_text("x\n")
+    assert D.find_corpus() == [Path("data/raw/tinystories_train.txt")]
+    assert D.find_corpus(str(raw)) == sorted(raw.iterdir())
+    with pytest.raises(DataError, match="no such file"):
+        D.find_corpus("nope.txt")
+
+
+def test_download_with_a_fake_hub(tmp_path, monkeypatch, capsys):
+    rows = [{"text": "First story.\n"}, {"text": "  "}, {"text": "Second."}]
+    fake = types.SimpleNamespace(load_dataset=lambda *a, **k: iter(rows))
+    monkeypatch.setitem(sys.modules, "datasets", fake)
+    out = tmp_path / "raw" / "ts.txt"
+    assert D.main(["download", "--output", str(out)]) == 0
+    assert out.read_text() == "First story.\n<|endoftext|>\nSecond.\n<|endoftext|>\n"
+
+    def offline(*args, **kwargs):
+        raise ConnectionError("Couldn't reach the Hub")
+
+    monkeypatch.setitem(
+        sys.modules, "datasets", types.SimpleNamespace(load_dataset=offline)
+    )
+    assert D.main(["download", "--output", str(tmp_path / "x.txt")]) == 2
+    err = capsys.readouterr().err
+    assert "error: could not download" in err and "Couldn't reach" in err
+    assert not (tmp_path / "x.txt").exists()
+
+
+def test_no_framework_imports():
+    code = (
+        "import sys, src.data, src.tokenizer; "
+        "bad = {'mlx', 'torch'} & {m.split('.')[0] for m in sys.modules}; "
+        "assert not bad, bad"
+    )
+    subprocess.run(
+        [sys.executable, "-c", code], check=True, cwd=Path(__file__).parents[1]
+    )

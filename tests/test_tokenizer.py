@@ -1,0 +1,237 @@
+"""Tokenizer: exact round trip (V5), fixed special ids, determinism, and clear
+errors for bad training input (V4). One tiny tokenizer is trained per module."""
+
+from __future__ import annotations
+
+import json
+import random
+import re
+from pathlib import Path
+
+import pytest
+
+from src import tokenizer as T
+from src.tokenizer import Tokenizer, TokenizerError, train_tokenizer
+
+SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory) -> Path:
+    """The first ~200 KB of TinyStories, cut after a whole story."""
+    source = SHARED_DATA / "tinystories_train.txt"
+    if not source.is_file():
+        pytest.skip(f"{source} not found (the shared corpora sit beside the repo)")
+    with open(source, "rb") as f:
+        head = f.read(200_000)
+    end = head.rindex(b"<|endoftext|>\n") + len(b"<|endoftext|>\n")
+    path = tmp_path_factory.mktemp("corpus") / "stories.txt"
+    path.write_bytes(head[:end])
+    return path
+
+
+ROUND_TRIP = [
+    "",
+    "Once upon a time, there was a little girl named Lily.",
+    "emoji 😀👍🏽 family 👨‍👩‍👧 flag 🇫🇷",
+    "accents héllo, naïve; CJK 日本語 한국어; RTL مرحبا; e\u0301 (combining)",
+    "NUL \x00 in the \x00\x00 middle",
+    "windows\r\nline\r\nends\r\n",
+    "\ttabs\t\tand\tmore\t",
+    "runs    of     spaces          and trailing   ",
+    "   leading spaces",
+    " ",
+    "\n",
+    "\n\nblank lines\n\n\n",
+    "the marker \u2581 itself, \u2581\u2581 twice, and \u2581 next to space",
+    "<|user|>hi<|end|><|assistant|>hello<|end|>",
+    "<s> </s> <pad> <unk> <0x41> ⁇ look like specials",
+    "\u00a0nbsp \u3000 ideographic space \u200b zero width",
+    "\ufeffbom \U0010ffff max code point \x7f del",
+]
+
+
+@pytest.fixture(scope="module")
+def tok_dir(corpus, tmp_path_factory):
+    out = tmp_path_factory.mktemp("tok")
+    train_tokenizer([corpus], out, vocab_size=512, seed=0)
+    return out
+
+
+@pytest.fixture(scope="module")
+def tok(tok_dir) -> Tokenizer:
+    return Tokenizer.load(tok_dir)
+
+
+@pytest.mark.parametrize("text", ROUND_TRIP)
+def test_round_trip(tok, text):
+    ids = tok.encode(text)
+    assert tok.decode(ids) == text
+    assert T.UNK_ID not in ids, "byte fallback must make <unk> impossible"
+
+
+def test_round_trip_random_unicode(tok):
+    rng = random.Random(0)
+    pools = [(0, 128), (0, 0xD800), (0xE000, 0x110000), (0x2581, 0x2582), (9, 14)]
+    for _ in range(500):
+        text = "".join(
+            chr(rng.randrange(*rng.choice(pools))) for _ in range(rng.randrange(40))
+        )
+        assert tok.decode(tok.encode(text)) == text, repr(text)
+
+
+def test_encode_batch_matches_encode(tok):
+    texts = ROUND_TRIP + ["a" * 5000, "x\u2581y"]
+    for bos, eos in [(False, False), (True, True)]:
+        fast = tok.encode_batch(texts, bos=bos, eos=eos)
+        slow = [tok.encode(t, bos=bos, eos=eos) for t in texts]
+        bad = [t for t, f, s in zip(texts, fast, slow, strict=True) if f != s]
+        assert not bad, f"encode_batch differs from encode on {bad!r}"
+
+
+def test_special_ids(tok, tok_dir):
+    assert (tok.pad_id, tok.unk_id, tok.bos_id, tok.eos_id) == (0, 1, 2, 3)
+    for i, piece in enumerate(T.SPECIAL_TOKENS + T.CHAT_MARKERS):
+        assert tok.id_to_piece(i) == piece
+    assert tok.encode("<|user|>") == [len(T.SPECIAL_TOKENS) + 1]  # id 5
+    ids = tok.encode("Hello", bos=True, eos=True)
+    assert ids[0] == tok.bos_id and ids[-1] == tok.eos_id
+    assert tok.decode(ids) == "Hello"  # bos/eos decode to nothing
+    assert tok.vocab_size == 512
+
+
+def test_metadata_and_load(tok, tok_dir, corpus):
+    meta = json.loads((tok_dir / "tokenizer.json").read_text())
+    assert meta["vocab_size"] == 512 and meta["model_type"] == "bpe"
+    assert meta["sha256"] == tok.sha256
+    assert (
+        meta["special_tokens"]["</s>"] == 3 and meta["special_tokens"]["<|end|>"] == 7
+    )
+    assert meta["corpus"]["bytes"] == corpus.stat().st_size
+    assert meta["corpus"]["files"] == [
+        {"path": str(corpus), "bytes": corpus.stat().st_size}
+    ]
+    from_file = Tokenizer.load(tok_dir / "tokenizer.model")
+    assert from_file.sha256 == tok.sha256 and from_file.dir == tok_dir
+
+
+def test_load_errors_name_the_path(tmp_path):
+    with pytest.raises(TokenizerError, match=re.escape(str(tmp_path / "nope"))):
+        Tokenizer.load(tmp_path / "nope")
+    with pytest.raises(TokenizerError, match="no tokenizer"):
+        Tokenizer.load(tmp_path)  # a folder without tokenizer.model
+    (tmp_path / "tokenizer.model").write_bytes(b"not a protobuf")
+    with pytest.raises(TokenizerError, match="not a sentencepiece model"):
+        Tokenizer.load(tmp_path)
+
+
+def test_decode_rejects_out_of_range(tok):
+    with pytest.raises(TokenizerError, match="512"):
+        tok.decode([5, 512])
+    with pytest.raises(TokenizerError, match="-1"):
+        tok.decode([-1])
+
+
+def test_same_seed_same_model(corpus, tmp_path):
+    # A sample smaller than the corpus, so the seed matters; training twice in one
+    # process is where sentencepiece's own seeding would fail.
+    def train(seed, name):
+        train_tokenizer([corpus], tmp_path / name, 400, max_sentences=300, seed=seed)
+        return (tmp_path / name / "tokenizer.model").read_bytes()
+
+    a, b, c = train(1, "a"), train(1, "b"), train(2, "c")
+    assert a == b, "same seed must give a byte-identical model"
+    assert a != c, "a different seed must draw a different line sample"
+
+
+def run(capsys, *argv):
+    code = T.main([str(a) for a in argv])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+@pytest.fixture
+def bad_inputs(tmp_path, corpus):
+    files = {
+        "empty": b"",
+        "blank": b"   \n\t\n\n",
+        "delims": b"<|endoftext|>\n<|endoftext|>\n",
+        "binary": bytes(range(256)) * 8,
+        "latin1": "caf\xe9 au lait\n".encode("latin-1"),
+        "small": b"abc def\n" * 10,
+    }
+    for name, data in files.items():
+        (tmp_path / f"{name}.txt").write_bytes(data)
+    return tmp_path
+
+
+@pytest.mark.parametrize(
+    "name, extra, message",
+    [
+        ("empty", [], "corpus is empty"),
+        ("delims", [], "corpus is empty"),
+        ("blank", [], "only whitespace"),
+        ("binary", [], "binary file"),
+        ("latin1", [], "not UTF-8"),
+        ("missing", [], "no such file"),
+        ("no*match", [], "no files match"),
+        ("CORPUS", ["--vocab-size", "100"], "minimum is 265"),
+        (
+            "CORPUS",
+            ["--vocab-size", "270"],
+            r"too small for this corpus: .*at least \d+",
+        ),
+        ("small", ["--vocab-size", "300"], r"too large for this corpus: .*at most \d+"),
+    ],
+)
+def test_train_bad_input_exits_2(capsys, bad_inputs, corpus, name, extra, message):
+    path = corpus if name == "CORPUS" else bad_inputs / f"{name}.txt"
+    argv = ["train", "--input", path, "--output", bad_inputs / "out"]
+    argv += extra or ["--vocab-size", "512"]
+    code, _, err = run(capsys, *argv)
+    assert code == 2
+    assert re.search(r"error: .*" + message, err), err
+    assert "Traceback" not in err and "INTERNAL" not in err
+    if name not in ("CORPUS", "missing", "no*match", "small"):
+        assert f"{name}.txt" in err, "the message must name the file"
+    assert not (bad_inputs / "out" / "tokenizer.model").exists()
+
+
+@pytest.mark.parametrize("bad", [["--vocab-size", "-5"], ["--model-type", "char"]])
+def test_train_bad_flags_exit_2(capsys, corpus, tmp_path, bad):
+    argv = [
+        "train",
+        "--input",
+        corpus,
+        "--output",
+        tmp_path,
+        "--vocab-size",
+        "512",
+    ]
+    code, _, err = run(capsys, *argv, *bad)
+    assert code == 2 and "error:" in err
+
+
+def test_cli_encode_decode_stats(capsys, tok, tok_dir, corpus):
+    code, out, _ = run(
+        capsys, "encode", "--tokenizer", tok_dir, "--text", "Hi 😀", "--eos"
+    )
+    ids = [int(x) for x in out.split()]
+    assert code == 0 and ids == tok.encode("Hi 😀", eos=True)
+    code, out, _ = run(capsys, "decode", "--tokenizer", tok_dir, "--ids", *ids)
+    assert code == 0 and out == "Hi 😀\n"
+    code, out, _ = run(capsys, "stats", "--tokenizer", tok_dir, "--input", corpus)
+    size = corpus.stat().st_size
+    n = len(tok.encode(corpus.read_text(encoding="utf-8")))
+    assert code == 0 and f"{n} tokens, {size} bytes, {size / n:.3f} bytes/token" in out
+    assert code == 0 and out.splitlines()[-1].startswith(f"total: {n} tokens")
+
+
+def test_cli_errors(capsys, tok_dir, tmp_path):
+    code, _, err = run(capsys, "decode", "--tokenizer", tok_dir, "--ids", "99999")
+    assert code == 2 and "error: token id 99999" in err
+    code, _, err = run(
+        capsys, "encode", "--tokenizer", tmp_path / "none", "--text", "x"
+    )
+    assert code == 2 and "error:" in err and str(tmp_path / "none") in err
+    assert run(capsys, "--help")[0] == 0
