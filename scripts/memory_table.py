@@ -15,9 +15,12 @@ import argparse
 import statistics
 import time
 
-import src  # noqa: F401  (optimized BLAS before mlx)
+import src  # noqa: F401  (loads the optimized BLAS; must precede mlx)
+
+# isort: split
 import mlx.core as mx
 
+from src import blas
 from src.config import load_config
 from src.model import Model, estimate_training_memory
 from src.optim import build_optimizer
@@ -32,8 +35,9 @@ def measure(path: str, batch_size: int | None, steps: int, warmup: int) -> dict:
     model = Model(m)
     opt = build_optimizer(model, t)
     step = make_train_step(model, opt, t, resolve_precision(t.precision))
-    batch = mx.random.randint(0, m.vocab_size, (t.grad_accum_steps, t.batch_size,
-                                                m.context_length + 1))
+    batch = mx.random.randint(
+        0, m.vocab_size, (t.grad_accum_steps, t.batch_size, m.context_length + 1)
+    )
     mx.eval(model.state, opt.state, batch)
     mx.reset_peak_memory()
     times = []
@@ -46,10 +50,14 @@ def measure(path: str, batch_size: int | None, steps: int, warmup: int) -> dict:
     tokens = t.grad_accum_steps * t.batch_size * m.context_length
     med = statistics.median(times)
     return {
-        "config": path, "params": model.num_params(),
-        "batch": f"{t.batch_size}x{t.grad_accum_steps}", "context": m.context_length,
-        "peak": mx.get_peak_memory(), "estimate": estimate_training_memory(m, t.batch_size),
-        "step_s": med, "tok_s": tokens / med,
+        "config": path,
+        "params": model.num_params(),
+        "batch": f"{t.batch_size}x{t.grad_accum_steps}",
+        "context": m.context_length,
+        "peak": mx.get_peak_memory(),
+        "estimate": estimate_training_memory(m, t.batch_size),
+        "step_s": med,
+        "tok_s": tokens / med,
     }
 
 
@@ -58,17 +66,24 @@ def main(argv=None) -> int:
     p.add_argument("configs", nargs="+")
     p.add_argument("--batch-size", type=int, help="override training.batch_size")
     p.add_argument("--steps", type=int, default=3, help="timed steps (median reported)")
-    p.add_argument("--warmup", type=int, default=2, help="untimed steps (compile, caches)")
+    p.add_argument(
+        "--warmup", type=int, default=2, help="untimed steps (compile, caches)"
+    )
     args = p.parse_args(argv)
-    print(f"device: {mx.default_device()}")
-    print("| config | params | batch (micro x accum) | context | peak memory | estimate "
-          "| step | tokens/s |")
+    print(f"device: {mx.default_device()}; {blas.describe()}")
+    print(
+        "| config | params | batch (micro x accum) | context | peak memory | estimate "
+        "| step | tokens/s |"
+    )
     print("|---|---|---|---|---|---|---|---|")
     for path in args.configs:
         r = measure(path, args.batch_size, args.steps, args.warmup)
-        print(f"| {r['config']} | {r['params'] / 1e6:.1f}M | {r['batch']} | {r['context']} "
-              f"| {fmt_bytes(r['peak'])} | {fmt_bytes(r['estimate'])} "
-              f"| {r['step_s']:.2f} s | {r['tok_s']:,.0f} |", flush=True)
+        print(
+            f"| {r['config']} | {r['params'] / 1e6:.1f}M | {r['batch']} | {r['context']} "
+            f"| {fmt_bytes(r['peak'])} | {fmt_bytes(r['estimate'])} "
+            f"| {r['step_s']:.2f} s | {r['tok_s']:,.0f} |",
+            flush=True,
+        )
     return 0
 
 

@@ -67,14 +67,18 @@ def preload() -> BlasStatus:
     if STATUS.reason != "not attempted":
         return STATUS
     if not sys.platform.startswith("linux"):
-        STATUS = BlasStatus(None, "not needed on this platform (Accelerate/Metal)", False)
+        STATUS = BlasStatus(
+            None, "not needed on this platform (Accelerate/Metal)", False
+        )
         return STATUS
     choice = os.environ.get(ENV_VAR, "").strip()
     if choice.lower() in ("off", "0", "none", "reference"):
         STATUS = BlasStatus(None, f"disabled by {ENV_VAR}={choice}")
         return STATUS
     if "mlx.core" in sys.modules:
-        STATUS = BlasStatus(None, "mlx.core was imported before src; too late to swap BLAS")
+        STATUS = BlasStatus(
+            None, "mlx.core was imported before src; too late to swap BLAS"
+        )
         return STATUS
     path = choice or _find_library()
     if not path:

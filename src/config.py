@@ -240,18 +240,31 @@ def validate(cfg: Config) -> Config:
     _require(m.init_std > 0, "model.init_std", m.init_std, "must be > 0")
 
     for name in ("batch_size", "grad_accum_steps", "max_steps"):
-        _require(getattr(t, name) > 0, f"training.{name}", getattr(t, name), "must be > 0")
-    _require(t.learning_rate > 0, "training.learning_rate", t.learning_rate, "must be > 0")
+        _require(
+            getattr(t, name) > 0, f"training.{name}", getattr(t, name), "must be > 0"
+        )
     _require(
-        0 <= t.min_lr_ratio <= 1, "training.min_lr_ratio", t.min_lr_ratio, "must be in [0, 1]"
+        t.learning_rate > 0, "training.learning_rate", t.learning_rate, "must be > 0"
     )
-    _require(t.warmup_steps >= 0, "training.warmup_steps", t.warmup_steps, "must be >= 0")
-    _require(t.weight_decay >= 0, "training.weight_decay", t.weight_decay, "must be >= 0")
+    _require(
+        0 <= t.min_lr_ratio <= 1,
+        "training.min_lr_ratio",
+        t.min_lr_ratio,
+        "must be in [0, 1]",
+    )
+    _require(
+        t.warmup_steps >= 0, "training.warmup_steps", t.warmup_steps, "must be >= 0"
+    )
+    _require(
+        t.weight_decay >= 0, "training.weight_decay", t.weight_decay, "must be >= 0"
+    )
     for name in ("beta1", "beta2"):
         v = getattr(t, name)
         _require(0 <= v < 1, f"training.{name}", v, "must be in [0, 1)")
     _require(t.eps > 0, "training.eps", t.eps, "must be > 0")
-    _require(t.grad_clip >= 0, "training.grad_clip", t.grad_clip, "must be >= 0 (0 = off)")
+    _require(
+        t.grad_clip >= 0, "training.grad_clip", t.grad_clip, "must be >= 0 (0 = off)"
+    )
     _require(
         0 <= t.label_smoothing < 1,
         "training.label_smoothing",
@@ -275,14 +288,28 @@ def validate(cfg: Config) -> Config:
     e = cfg.eval
     _require(e.interval >= 0, "eval.interval", e.interval, "must be >= 0 (0 = off)")
     _require(e.max_tokens > 0, "eval.max_tokens", e.max_tokens, "must be > 0")
-    _require(e.sample_tokens >= 0, "eval.sample_tokens", e.sample_tokens, "must be >= 0")
+    _require(
+        e.sample_tokens >= 0, "eval.sample_tokens", e.sample_tokens, "must be >= 0"
+    )
     _require(e.temperature >= 0, "eval.temperature", e.temperature, "must be >= 0")
     c = cfg.checkpoint
-    _require(c.interval >= 0, "checkpoint.interval", c.interval, "must be >= 0 (0 = end only)")
-    _require(c.keep_last > 0, "checkpoint.keep_last", c.keep_last, "must be > 0")
-    _require(cfg.logging.interval > 0, "logging.interval", cfg.logging.interval, "must be > 0")
     _require(
-        bool(cfg.run_name) and "/" not in cfg.run_name and cfg.run_name not in (".", ".."),
+        c.interval >= 0,
+        "checkpoint.interval",
+        c.interval,
+        "must be >= 0 (0 = end only)",
+    )
+    _require(c.keep_last > 0, "checkpoint.keep_last", c.keep_last, "must be > 0")
+    _require(
+        cfg.logging.interval > 0,
+        "logging.interval",
+        cfg.logging.interval,
+        "must be > 0",
+    )
+    _require(
+        bool(cfg.run_name)
+        and "/" not in cfg.run_name
+        and cfg.run_name not in (".", ".."),
         "run_name",
         cfg.run_name,
         "must be a non-empty name without '/'",

@@ -43,7 +43,9 @@ class EvalResult:
 
 def count_bytes(batches: list[np.ndarray], decode: Callable[[list[int]], str]) -> int:
     """UTF-8 bytes of the target tokens (all but the first of each window)."""
-    return sum(len(decode(row[1:].tolist()).encode("utf-8")) for b in batches for row in b)
+    return sum(
+        len(decode(row[1:].tolist()).encode("utf-8")) for b in batches for row in b
+    )
 
 
 class Evaluator:

@@ -14,7 +14,9 @@ import mlx.core as mx
 import mlx.nn as nn
 
 
-def sample(logits: mx.array, temperature: float, key: mx.array | None = None) -> mx.array:
+def sample(
+    logits: mx.array, temperature: float, key: mx.array | None = None
+) -> mx.array:
     """Next token ids from logits (B, vocab): greedy when temperature == 0."""
     if temperature <= 0:
         return mx.argmax(logits, axis=-1)

@@ -46,8 +46,12 @@ def main(argv: list[str] | None = None) -> int:
         required=True,
         help="checkpoint folder, e.g. checkpoints/<run>/best",
     )
-    p.add_argument("--prompt", action="append", default=[], help="prompt text (repeatable)")
-    p.add_argument("--tokenizer", help="tokenizer folder (default: the checkpoint's own)")
+    p.add_argument(
+        "--prompt", action="append", default=[], help="prompt text (repeatable)"
+    )
+    p.add_argument(
+        "--tokenizer", help="tokenizer folder (default: the checkpoint's own)"
+    )
     p.add_argument("--max-tokens", type=int, default=100, help="new tokens per prompt")
     p.add_argument("--temperature", type=float, default=0.8, help="0 = greedy")
     p.add_argument("--seed", type=int, default=0, help="sampling seed")

@@ -167,7 +167,9 @@ class Model(nn.Module):
         return [KVCache() for _ in self.model.layers]
 
 
-def estimate_training_memory(cfg: ModelConfig, batch_size: int, bytes_per_act: int = 4) -> int:
+def estimate_training_memory(
+    cfg: ModelConfig, batch_size: int, bytes_per_act: int = 4
+) -> int:
     """Rough peak bytes of one training step: fp32 weights, grads and two Adam moments
     (16 bytes/param) plus saved activations and logits. An estimate for planning;
     the README's table gives measured peaks."""

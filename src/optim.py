@@ -83,13 +83,17 @@ def build_optimizer(model: nn.Module, cfg: TrainingConfig) -> AdamW:
     return opt
 
 
-def load_optimizer_state(opt: optim.Optimizer, flat: dict[str, mx.array], params: dict) -> None:
+def load_optimizer_state(
+    opt: optim.Optimizer, flat: dict[str, mx.array], params: dict
+) -> None:
     """Fill the initialized optimizer's state from a flat {path: array} dict, keeping
     its exact tree (empty subtrees included: mx.compile and the update rely on it).
     Raises ValueError on a missing or extra entry."""
     expected = {k for k, _ in tree_flatten(opt.state)}
     if set(flat) != expected:
         missing, extra = sorted(expected - set(flat)), sorted(set(flat) - expected)
-        raise ValueError(f"optimizer state mismatch: missing {missing[:5]}, extra {extra[:5]}")
+        raise ValueError(
+            f"optimizer state mismatch: missing {missing[:5]}, extra {extra[:5]}"
+        )
     opt.state = tree_map_with_path(lambda path, _: flat[path], opt.state)
     opt.init(params)  # marks it initialized; existing entries are kept

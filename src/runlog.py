@@ -93,27 +93,38 @@ class RunLog:
         tmp.write_text("".join(keep), encoding="utf-8")
         os.replace(tmp, self.metrics_path)
 
-    def flush_steps(self, pending, tokens_per_s, consecutive_bad, spike_factor, bar) -> int:
+    def flush_steps(
+        self, pending, tokens_per_s, consecutive_bad, spike_factor, bar
+    ) -> int:
         """Write buffered step rows; warn about skipped steps and loss spikes.
 
         Returns the updated count of consecutive non-finite (skipped) steps."""
         if not pending:
             return consecutive_bad
         steps = [p[0] for p in pending]
-        values = mx.stack([mx.stack([p[1], p[2], p[3].astype(mx.float32), p[4]])
-                           for p in pending]).tolist()
+        values = mx.stack(
+            [mx.stack([p[1], p[2], p[3].astype(mx.float32), p[4]]) for p in pending]
+        ).tolist()
         rows = []
         for step, (loss, gnorm, ok, lr) in zip(steps, values):
-            row = {"event": "train", "step": step, "loss": loss, "lr": lr,
-                   "grad_norm": gnorm, "skipped": not ok}
+            row = {
+                "event": "train",
+                "step": step,
+                "loss": loss,
+                "lr": lr,
+                "grad_norm": gnorm,
+                "skipped": not ok,
+            }
             if not ok:
                 consecutive_bad += 1
                 self.warn(f"step {step}: non-finite loss or gradient; update skipped")
             else:
                 consecutive_bad = 0
                 if self.loss_ema is not None and loss > spike_factor * self.loss_ema:
-                    self.warn(f"step {step}: loss spike {loss:.4f} "
-                              f"(moving average {self.loss_ema:.4f})")
+                    self.warn(
+                        f"step {step}: loss spike {loss:.4f} "
+                        f"(moving average {self.loss_ema:.4f})"
+                    )
                 ema = self.loss_ema
                 self.loss_ema = loss if ema is None else 0.95 * ema + 0.05 * loss
             rows.append(row)
@@ -121,21 +132,31 @@ class RunLog:
         rows[-1]["peak_memory"] = mx.get_peak_memory()
         self._append(rows)
         last = rows[-1]
-        bar.set_postfix(loss=f"{last['loss']:.4f}", lr=f"{last['lr']:.2e}",
-                        tok_s=f"{tokens_per_s:,.0f}", refresh=False)
+        bar.set_postfix(
+            loss=f"{last['loss']:.4f}",
+            lr=f"{last['lr']:.2e}",
+            tok_s=f"{tokens_per_s:,.0f}",
+            refresh=False,
+        )
         if not bar.disable:
             return consecutive_bad
-        self.info(f"step {last['step']}: loss {last['loss']:.4f} lr {last['lr']:.2e} "
-                  f"grad_norm {last['grad_norm']:.3f} {tokens_per_s:,.0f} tok/s")
+        self.info(
+            f"step {last['step']}: loss {last['loss']:.4f} lr {last['lr']:.2e} "
+            f"grad_norm {last['grad_norm']:.3f} {tokens_per_s:,.0f} tok/s"
+        )
         return consecutive_bad
 
     def eval_row(self, step: int, metrics: dict) -> None:
         self._append([{"event": "eval", "step": step, **metrics}])
-        self.info(f"step {step}: val loss {metrics['val_loss']:.4f} "
-                  f"ppl {metrics['val_ppl']:.2f} bpb {metrics['val_bpb']:.4f}")
+        self.info(
+            f"step {step}: val loss {metrics['val_loss']:.4f} "
+            f"ppl {metrics['val_ppl']:.2f} bpb {metrics['val_bpb']:.4f}"
+        )
 
     def sample(self, step: int, prompt: str, text: str) -> None:
-        self._append([{"event": "sample", "step": step, "prompt": prompt, "text": text}])
+        self._append(
+            [{"event": "sample", "step": step, "prompt": prompt, "text": text}]
+        )
         self.info(f"sample: {prompt!r} -> {text!r}")
 
 
@@ -151,8 +172,11 @@ class StopSignal:
         if self.requested and signum == signal.SIGINT:
             os._exit(130)  # checkpoints are atomic: the last committed one is intact
         self.requested = True
-        print(f"\nreceived {signal.Signals(signum).name}: saving at the end of this step "
-              "(Ctrl-C again to quit now)", file=sys.stderr)
+        print(
+            f"\nreceived {signal.Signals(signum).name}: saving at the end of this step "
+            "(Ctrl-C again to quit now)",
+            file=sys.stderr,
+        )
 
     def __enter__(self):
         for sig in (signal.SIGINT, signal.SIGTERM):
@@ -191,10 +215,13 @@ def check_resume_compatible(meta: dict, cfg: Config, tokenizer_sha256: str) -> N
         if k.startswith(_FROZEN) and k not in _FREE and old.get(k) != new.get(k)
     ]
     if meta.get("tokenizer_sha256") != tokenizer_sha256:
-        diffs.append(f"  tokenizer sha256: checkpoint {meta.get('tokenizer_sha256')} "
-                     f"-> now {tokenizer_sha256}")
+        diffs.append(
+            f"  tokenizer sha256: checkpoint {meta.get('tokenizer_sha256')} "
+            f"-> now {tokenizer_sha256}"
+        )
     if meta.get("world_size", 1) != 1:
         diffs.append(f"  world size: checkpoint {meta.get('world_size')} -> now 1")
     if diffs:
-        raise ConfigError("cannot resume: the run changed since the checkpoint\n"
-                          + "\n".join(diffs))
+        raise ConfigError(
+            "cannot resume: the run changed since the checkpoint\n" + "\n".join(diffs)
+        )

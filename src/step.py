@@ -37,7 +37,9 @@ def resolve_precision(name: str) -> mx.Dtype:
     return PRECISIONS[name]
 
 
-def loss_fn(model: nn.Module, batch: mx.array, label_smoothing: float = 0.0) -> mx.array:
+def loss_fn(
+    model: nn.Module, batch: mx.array, label_smoothing: float = 0.0
+) -> mx.array:
     """Mean next-token cross-entropy of `batch` (B, L+1), computed in fp32."""
     inputs, targets = batch[:, :-1], batch[:, 1:]
     logits = model(inputs).astype(mx.float32)
@@ -46,7 +48,9 @@ def loss_fn(model: nn.Module, batch: mx.array, label_smoothing: float = 0.0) -> 
 
 
 def _cast(tree: dict, dtype: mx.Dtype) -> dict:
-    return tree_map(lambda p: p.astype(dtype) if mx.issubdtype(p.dtype, mx.floating) else p, tree)
+    return tree_map(
+        lambda p: p.astype(dtype) if mx.issubdtype(p.dtype, mx.floating) else p, tree
+    )
 
 
 def _select_(ok: mx.array, new: dict | list, old: dict | list) -> None:
@@ -107,7 +111,9 @@ def make_train_step(
     return mx.compile(step, inputs=state, outputs=state)
 
 
-def make_eval_fn(model: nn.Module, compile: bool = True) -> Callable[[mx.array], mx.array]:
+def make_eval_fn(
+    model: nn.Module, compile: bool = True
+) -> Callable[[mx.array], mx.array]:
     """eval(batch (B, L+1)) -> summed next-token loss in nats (fp32 weights)."""
 
     def total_loss(batch: mx.array) -> mx.array:
@@ -121,4 +127,3 @@ def step_seed(seed: int, step: int) -> int:
     """The random seed for step `step`: resuming at any step redraws the same numbers
     (MLX's global key can be read but not restored, so it is reseeded each step)."""
     return (seed * 1_000_003 + step) % (2**63)
-

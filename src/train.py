@@ -13,14 +13,12 @@ from __future__ import annotations
 import argparse
 import math
 import shutil
-import signal
 import sys
 import time
 from pathlib import Path
 
 import mlx.core as mx
 from mlx.utils import tree_flatten
-from tqdm import tqdm
 
 from . import blas
 from . import checkpoint as ckpt
@@ -113,7 +111,9 @@ class Trainer:
         if self.resume_path is not None:
             meta = ckpt.read_meta(self.resume_path)
             check_resume_compatible(meta, cfg, self.tokenizer.sha256)
-        self.train_data = TokenLoader(cfg.data.train_path, m.context_length, m.vocab_size)
+        self.train_data = TokenLoader(
+            cfg.data.train_path, m.context_length, m.vocab_size
+        )
         self.val_data = TokenLoader(cfg.data.val_path, m.context_length, m.vocab_size)
         self.log = RunLog(self.log_dir, cfg.logging.progress_bar)
         self.stop = StopSignal()
@@ -211,7 +211,9 @@ class Trainer:
         tic, tic_step = time.perf_counter(), start
         step = start
         while step < t.max_steps and not self.stop.requested:
-            batch = self.train_data.batch(t.seed, step, t.batch_size * t.grad_accum_steps)
+            batch = self.train_data.batch(
+                t.seed, step, t.batch_size * t.grad_accum_steps
+            )
             batch = batch.reshape(t.grad_accum_steps, t.batch_size, -1)
             mx.random.seed(step_seed(t.seed, step))
             loss, grad_norm, ok = self.train_step(mx.array(batch, dtype=mx.int32))
@@ -266,8 +268,12 @@ class Trainer:
         self.model.eval()
         ids = self.tokenizer.encode(prompt)
         out = generate_tokens(
-            self.model, ids, e.sample_tokens, e.temperature,
-            seed=self.cfg.training.seed, eos_id=self.tokenizer.eos_id,
+            self.model,
+            ids,
+            e.sample_tokens,
+            e.temperature,
+            seed=self.cfg.training.seed,
+            eos_id=self.tokenizer.eos_id,
         )
         text = self.tokenizer.decode(list(out))
         self.model.train()

@@ -31,8 +31,36 @@ def tiny_dataset(tiny_corpus, tmp_path_factory) -> dict:
 
     out = tmp_path_factory.mktemp("dataset")
     tok_dir, data_dir = out / "tokenizer", out / "tokens"
-    assert tokenizer.main(["train", "--input", str(tiny_corpus), "--output", str(tok_dir),
-                           "--vocab-size", "512"]) == 0
-    assert data.main(["prepare", "--input", str(tiny_corpus), "--tokenizer", str(tok_dir),
-                      "--output", str(data_dir)]) == 0
-    return {"tokenizer": tok_dir, "train": data_dir / "train.bin", "val": data_dir / "val.bin"}
+    assert (
+        tokenizer.main(
+            [
+                "train",
+                "--input",
+                str(tiny_corpus),
+                "--output",
+                str(tok_dir),
+                "--vocab-size",
+                "512",
+            ]
+        )
+        == 0
+    )
+    assert (
+        data.main(
+            [
+                "prepare",
+                "--input",
+                str(tiny_corpus),
+                "--tokenizer",
+                str(tok_dir),
+                "--output",
+                str(data_dir),
+            ]
+        )
+        == 0
+    )
+    return {
+        "tokenizer": tok_dir,
+        "train": data_dir / "train.bin",
+        "val": data_dir / "val.bin",
+    }

@@ -8,7 +8,9 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-linux_only = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="Linux CPU only")
+linux_only = pytest.mark.skipif(
+    not sys.platform.startswith("linux"), reason="Linux CPU only"
+)
 
 
 @linux_only
@@ -40,13 +42,20 @@ def test_fp32_matmul_is_fast():
 @linux_only
 def test_disable_switch_and_warning():
     code = "import src, src.blas as b; print(b.describe())"
-    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True,
-                         text=True, env={"SLM_BLAS": "off", "PATH": "/usr/bin:/bin"})
+    out = subprocess.run(
+        [sys.executable, "-c", code],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        env={"SLM_BLAS": "off", "PATH": "/usr/bin:/bin"},
+    )
     assert "WARNING" in out.stdout and "libopenblas0-pthread" in out.stdout, out
 
 
 @linux_only
 def test_too_late_is_reported():
     code = "import mlx.core, src, src.blas as b; print(b.STATUS.reason)"
-    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True)
+    out = subprocess.run(
+        [sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True
+    )
     assert "too late" in out.stdout, out

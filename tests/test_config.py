@@ -20,8 +20,10 @@ def test_all_shipped_configs_load():
 
 
 def test_sizes_of_presets():
-    sizes = {n: load_config(ROOT / f"configs/{n}.yaml").model.num_params() / 1e6
-             for n in ("model_config_small", "medium", "large")}
+    sizes = {
+        n: load_config(ROOT / f"configs/{n}.yaml").model.num_params() / 1e6
+        for n in ("model_config_small", "medium", "large")
+    }
     assert 20 < sizes["model_config_small"] < 30, sizes
     assert 110 < sizes["medium"] < 140, sizes
     assert 700 < sizes["large"] < 820, sizes
@@ -86,9 +88,21 @@ def test_cli_rejects_before_allocation(tmp_path):
     of work after interpreter start-up, and nothing written."""
     start = time.perf_counter()
     proc = subprocess.run(
-        [sys.executable, "-m", "src.train", "--config", str(ROOT / "configs/tiny.yaml"),
-         "--set", "model.n_kv_heads=3", "--set", f"checkpoint.dir={tmp_path}/ck"],
-        cwd=ROOT, capture_output=True, text=True, timeout=60,
+        [
+            sys.executable,
+            "-m",
+            "src.train",
+            "--config",
+            str(ROOT / "configs/tiny.yaml"),
+            "--set",
+            "model.n_kv_heads=3",
+            "--set",
+            f"checkpoint.dir={tmp_path}/ck",
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
     )
     elapsed = time.perf_counter() - start
     assert proc.returncode == 2, proc.stderr
@@ -99,7 +113,12 @@ def test_cli_rejects_before_allocation(tmp_path):
 
 
 def test_cli_missing_config_file(tmp_path):
-    proc = subprocess.run([sys.executable, "-m", "src.train", "--config", str(tmp_path / "no.yaml")],
-                          cwd=ROOT, capture_output=True, text=True, timeout=60)
+    proc = subprocess.run(
+        [sys.executable, "-m", "src.train", "--config", str(tmp_path / "no.yaml")],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert proc.returncode == 2 and "config file not found" in proc.stderr
     assert "Traceback" not in proc.stderr

@@ -12,8 +12,14 @@ from src.model import Model
 
 
 def tiny(**kw) -> ModelConfig:
-    base = dict(vocab_size=97, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2,
-                context_length=24)
+    base = dict(
+        vocab_size=97,
+        d_model=32,
+        n_layers=2,
+        n_heads=4,
+        n_kv_heads=2,
+        context_length=24,
+    )
     base.update(kw)
     return ModelConfig(**base)
 
@@ -23,8 +29,9 @@ def diff(a, b):
     return f"max {d.max():.3g} mean {d.mean():.3g}"
 
 
-@pytest.mark.parametrize("kw", [{}, {"qk_norm": True}, {"tie_embeddings": False},
-                                {"n_kv_heads": None}])
+@pytest.mark.parametrize(
+    "kw", [{}, {"qk_norm": True}, {"tie_embeddings": False}, {"n_kv_heads": None}]
+)
 def test_shapes_and_param_count(kw):
     cfg = tiny(**kw)
     model = Model(cfg)
@@ -34,11 +41,22 @@ def test_shapes_and_param_count(kw):
 
 
 def test_hf_names():
-    names = {k for k, _ in tree_flatten(Model(tiny(qk_norm=True, tie_embeddings=False)).parameters())}
-    for name in ["model.embed_tokens.weight", "model.norm.weight", "lm_head.weight",
-                 "model.layers.1.self_attn.q_proj.weight", "model.layers.0.self_attn.k_norm.weight",
-                 "model.layers.0.mlp.gate_proj.weight", "model.layers.0.input_layernorm.weight",
-                 "model.layers.0.post_attention_layernorm.weight"]:
+    names = {
+        k
+        for k, _ in tree_flatten(
+            Model(tiny(qk_norm=True, tie_embeddings=False)).parameters()
+        )
+    }
+    for name in [
+        "model.embed_tokens.weight",
+        "model.norm.weight",
+        "lm_head.weight",
+        "model.layers.1.self_attn.q_proj.weight",
+        "model.layers.0.self_attn.k_norm.weight",
+        "model.layers.0.mlp.gate_proj.weight",
+        "model.layers.0.input_layernorm.weight",
+        "model.layers.0.post_attention_layernorm.weight",
+    ]:
         assert name in names, name
 
 
@@ -87,7 +105,9 @@ def test_cached_generation_matches_uncached():
     slow = list(generate_tokens(model, prompt, 15, temperature=0.0, use_cache=False))
     assert fast == slow and len(fast) == 15
     fast = list(generate_tokens(model, prompt, 15, temperature=1.0, seed=3))
-    slow = list(generate_tokens(model, prompt, 15, temperature=1.0, seed=3, use_cache=False))
+    slow = list(
+        generate_tokens(model, prompt, 15, temperature=1.0, seed=3, use_cache=False)
+    )
     assert fast == slow
 
 

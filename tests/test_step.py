@@ -14,12 +14,29 @@ from src.step import make_train_step
 
 
 def setup(compile, accum=2, **train):
-    cfg = config_from_dict({
-        "model": dict(vocab_size=61, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2,
-                      context_length=16, dropout=train.pop("dropout", 0.0)),
-        "training": {**dict(batch_size=4, grad_accum_steps=accum, warmup_steps=3,
-                            max_steps=30, learning_rate=3e-3), **train},
-    })
+    cfg = config_from_dict(
+        {
+            "model": dict(
+                vocab_size=61,
+                d_model=32,
+                n_layers=2,
+                n_heads=4,
+                n_kv_heads=2,
+                context_length=16,
+                dropout=train.pop("dropout", 0.0),
+            ),
+            "training": {
+                **dict(
+                    batch_size=4,
+                    grad_accum_steps=accum,
+                    warmup_steps=3,
+                    max_steps=30,
+                    learning_rate=3e-3,
+                ),
+                **train,
+            },
+        }
+    )
     mx.random.seed(0)
     model = Model(cfg.model)
     opt = build_optimizer(model, cfg.training)
@@ -28,7 +45,9 @@ def setup(compile, accum=2, **train):
 
 def batches(n, accum=2, seed=0):
     rng = np.random.default_rng(seed)
-    return [mx.array(rng.integers(0, 61, (accum, 4, 17)), dtype=mx.int32) for _ in range(n)]
+    return [
+        mx.array(rng.integers(0, 61, (accum, 4, 17)), dtype=mx.int32) for _ in range(n)
+    ]
 
 
 def run(step, model, opt, data, seed=None):
@@ -49,9 +68,13 @@ def test_compiled_equals_eager(dropout):
     m2, o2, s2, _ = setup(compile=False, dropout=dropout)
     l1, l2 = run(s1, m1, o1, data, seed=7), run(s2, m2, o2, data, seed=7)
     assert np.allclose(l1, l2, rtol=1e-5, atol=1e-5), (l1, l2)
-    for (k, a), (_, b) in zip(tree_flatten(m1.parameters()), tree_flatten(m2.parameters())):
+    for (k, a), (_, b) in zip(
+        tree_flatten(m1.parameters()), tree_flatten(m2.parameters())
+    ):
         d = mx.abs(a - b)
-        assert d.max().item() < 1e-5, f"{k}: max {d.max().item():.3g} mean {d.mean().item():.3g}"
+        assert d.max().item() < 1e-5, (
+            f"{k}: max {d.max().item():.3g} mean {d.mean().item():.3g}"
+        )
 
 
 def test_accumulation_equals_big_batch():
@@ -104,7 +127,9 @@ def test_non_finite_step_is_skipped():
 
 
 def test_schedule_warmup_and_floor():
-    cfg = TrainingConfig(learning_rate=1.0, warmup_steps=10, max_steps=110, min_lr_ratio=0.1)
+    cfg = TrainingConfig(
+        learning_rate=1.0, warmup_steps=10, max_steps=110, min_lr_ratio=0.1
+    )
     lr = lr_schedule(cfg)
     values = [lr(mx.array(s)).item() for s in range(0, 120)]
     assert values[0] == pytest.approx(0.1) and values[9] == pytest.approx(1.0)
@@ -120,7 +145,9 @@ def test_weight_decay_mask():
     assert mask["model.layers.0.self_attn.q_proj.weight"] is True
     assert mask["model.layers.0.input_layernorm.weight"] is False
     assert mask["model.embed_tokens.weight"] is False
-    assert dict(tree_flatten(decay_mask(model, True)))["model.embed_tokens.weight"] is True
+    assert (
+        dict(tree_flatten(decay_mask(model, True)))["model.embed_tokens.weight"] is True
+    )
 
 
 def test_decay_applies_only_to_masked():
@@ -129,9 +156,12 @@ def test_decay_applies_only_to_masked():
     before = dict(tree_flatten(model.parameters()))
     grads = {k: mx.zeros_like(v) for k, v in before.items()}
     from mlx.utils import tree_unflatten
+
     opt.update(model, tree_unflatten(list(grads.items())))
     after = dict(tree_flatten(model.parameters()))
-    assert mx.array_equal(after["model.embed_tokens.weight"], before["model.embed_tokens.weight"])
+    assert mx.array_equal(
+        after["model.embed_tokens.weight"], before["model.embed_tokens.weight"]
+    )
     assert mx.array_equal(after["model.norm.weight"], before["model.norm.weight"])
     q = "model.layers.0.self_attn.q_proj.weight"
     assert mx.allclose(after[q], before[q] * (1 - 0.5 * opt.learning_rate.item()))

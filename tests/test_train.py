@@ -16,26 +16,44 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def overrides(tmp_path: Path, ds: dict, **kw) -> list[str]:
     values = {
-        "data.train_path": ds["train"], "data.val_path": ds["val"],
+        "data.train_path": ds["train"],
+        "data.val_path": ds["val"],
         "data.tokenizer_path": ds["tokenizer"],
-        "checkpoint.dir": tmp_path / "ck", "logging.dir": tmp_path / "logs",
-        "logging.progress_bar": "false", "logging.interval": 5,
-        "eval.max_tokens": 1024, "eval.sample_tokens": 8,
-        "model.dropout": 0.1, "training.max_steps": 40,
-        "eval.interval": 20, "checkpoint.interval": 20,
+        "checkpoint.dir": tmp_path / "ck",
+        "logging.dir": tmp_path / "logs",
+        "logging.progress_bar": "false",
+        "logging.interval": 5,
+        "eval.max_tokens": 1024,
+        "eval.sample_tokens": 8,
+        "model.dropout": 0.1,
+        "training.max_steps": 40,
+        "eval.interval": 20,
+        "checkpoint.interval": 20,
     }
     values.update({k.replace("__", "."): v for k, v in kw.items()})
     return [a for k, v in values.items() for a in ("--set", f"{k}={v}")]
 
 
 def cmd(tmp_path, ds, *extra, **kw) -> list[str]:
-    return [sys.executable, "-m", "src.train", "--config", str(ROOT / "configs/tiny.yaml"),
-            *overrides(tmp_path, ds, **kw), *extra]
+    return [
+        sys.executable,
+        "-m",
+        "src.train",
+        "--config",
+        str(ROOT / "configs/tiny.yaml"),
+        *overrides(tmp_path, ds, **kw),
+        *extra,
+    ]
 
 
 def run(tmp_path, ds, *extra, **kw) -> subprocess.CompletedProcess:
-    return subprocess.run(cmd(tmp_path, ds, *extra, **kw), cwd=ROOT, capture_output=True,
-                          text=True, timeout=300)
+    return subprocess.run(
+        cmd(tmp_path, ds, *extra, **kw),
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
 
 
 def rows(tmp_path, run_name="tiny", event="train") -> list[dict]:
@@ -54,12 +72,23 @@ def ok(proc):
 
 
 def test_learns_and_writes_everything(tmp_path, tiny_dataset):
-    proc = ok(run(tmp_path, tiny_dataset, training__max_steps=120, eval__interval=60,
-                  checkpoint__interval=60, model__dropout=0.0))
+    proc = ok(
+        run(
+            tmp_path,
+            tiny_dataset,
+            training__max_steps=120,
+            eval__interval=60,
+            checkpoint__interval=60,
+            model__dropout=0.0,
+        )
+    )
     assert "BLAS:" in proc.stderr and "parameters" in proc.stderr
     loss = losses(tmp_path)
     assert sorted(loss) == list(range(1, 121))
-    first, last = sum(loss[s] for s in range(1, 6)) / 5, sum(loss[s] for s in range(116, 121)) / 5
+    first, last = (
+        sum(loss[s] for s in range(1, 6)) / 5,
+        sum(loss[s] for s in range(116, 121)) / 5,
+    )
     assert last < first - 1.5, (first, last)  # from ~ln(512)=6.2 to well below
     evals = rows(tmp_path, event="eval")
     assert [e["step"] for e in evals] == [60, 120]
@@ -74,9 +103,22 @@ def test_learns_and_writes_everything(tmp_path, tiny_dataset):
     assert (tmp_path / "logs" / "tiny" / "config.yaml").exists()
     assert rows(tmp_path, event="sample")
     # the checkpoint alone is enough to generate
-    gen = subprocess.run([sys.executable, "-m", "src.inference", "--checkpoint",
-                          str(run_dir / "best"), "--prompt", "Once upon a time",
-                          "--max-tokens", "12"], cwd=ROOT, capture_output=True, text=True)
+    gen = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "src.inference",
+            "--checkpoint",
+            str(run_dir / "best"),
+            "--prompt",
+            "Once upon a time",
+            "--max-tokens",
+            "12",
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+    )
     assert gen.returncode == 0 and gen.stdout.startswith("Once upon a time"), gen.stderr
 
 
@@ -97,30 +139,61 @@ def test_sigterm_saves_and_resume_is_exact(tmp_path, tiny_dataset):
     uninterrupted run's loss at every step, bit for bit (CPU)."""
     base, cut = tmp_path / "base", tmp_path / "cut"
     ok(run(base, tiny_dataset, training__max_steps=150, checkpoint__interval=0))
-    proc = subprocess.Popen(cmd(cut, tiny_dataset, training__max_steps=150,
-                                checkpoint__interval=0), cwd=ROOT, text=True,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    proc = subprocess.Popen(
+        cmd(cut, tiny_dataset, training__max_steps=150, checkpoint__interval=0),
+        cwd=ROOT,
+        text=True,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
     wait_for_rows(cut, 12, proc)
     proc.send_signal(signal.SIGTERM)
     _, err = proc.communicate(timeout=120)
     assert proc.returncode == 0, err[-2000:]
     saved = [p.name for p in (cut / "ck" / "tiny").glob("step_*")]
     assert len(saved) == 1 and saved[0] != "step_00000150", saved
-    ok(run(cut, tiny_dataset, "--resume", "auto", training__max_steps=150,
-           checkpoint__interval=0))
+    ok(
+        run(
+            cut,
+            tiny_dataset,
+            "--resume",
+            "auto",
+            training__max_steps=150,
+            checkpoint__interval=0,
+        )
+    )
     assert losses(cut) == losses(base)  # every step 1..150, exactly
 
 
 def test_kill9_between_saves_resumes_without_gaps(tmp_path, tiny_dataset):
     """C4: kill -9 after a checkpoint; resume from it; the log has each step once."""
-    proc = subprocess.Popen(cmd(tmp_path, tiny_dataset, training__max_steps=4000,
-                                checkpoint__interval=10, eval__interval=0),
-                            cwd=ROOT, text=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    proc = subprocess.Popen(
+        cmd(
+            tmp_path,
+            tiny_dataset,
+            training__max_steps=4000,
+            checkpoint__interval=10,
+            eval__interval=0,
+        ),
+        cwd=ROOT,
+        text=True,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
     wait_for_rows(tmp_path, 27, proc)
     proc.kill()
     proc.wait()
-    ok(run(tmp_path, tiny_dataset, "--resume", "auto", training__max_steps=60,
-           checkpoint__interval=10, eval__interval=0))
+    ok(
+        run(
+            tmp_path,
+            tiny_dataset,
+            "--resume",
+            "auto",
+            training__max_steps=60,
+            checkpoint__interval=10,
+            eval__interval=0,
+        )
+    )
     steps = [r["step"] for r in rows(tmp_path)]
     assert steps == list(range(1, 61)), steps
 
@@ -129,22 +202,46 @@ def test_same_seed_same_curve_other_seed_differs(tmp_path, tiny_dataset):
     """C14."""
     a, b, c = tmp_path / "a", tmp_path / "b", tmp_path / "c"
     for d, seed in ((a, 1), (b, 1), (c, 2)):
-        ok(run(d, tiny_dataset, training__max_steps=10, training__seed=seed,
-               eval__interval=0, checkpoint__interval=0))
+        ok(
+            run(
+                d,
+                tiny_dataset,
+                training__max_steps=10,
+                training__seed=seed,
+                eval__interval=0,
+                checkpoint__interval=0,
+            )
+        )
     assert losses(a) == losses(b)
     assert losses(a) != losses(c)
 
 
 def test_corrupt_newest_checkpoint_falls_back(tmp_path, tiny_dataset):
     """C5: a flipped byte in the newest weights is detected; resume uses the previous."""
-    ok(run(tmp_path, tiny_dataset, training__max_steps=20, checkpoint__interval=10,
-           eval__interval=0))
+    ok(
+        run(
+            tmp_path,
+            tiny_dataset,
+            training__max_steps=20,
+            checkpoint__interval=10,
+            eval__interval=0,
+        )
+    )
     weights = tmp_path / "ck" / "tiny" / "step_00000020" / "model.safetensors"
     data = bytearray(weights.read_bytes())
     data[len(data) // 2] ^= 0x01
     weights.write_bytes(bytes(data))
-    proc = ok(run(tmp_path, tiny_dataset, "--resume", "auto", training__max_steps=30,
-                  checkpoint__interval=10, eval__interval=0))
+    proc = ok(
+        run(
+            tmp_path,
+            tiny_dataset,
+            "--resume",
+            "auto",
+            training__max_steps=30,
+            checkpoint__interval=10,
+            eval__interval=0,
+        )
+    )
     assert "model.safetensors" in proc.stderr and "step_00000010" in proc.stderr
     assert "resumed from" in proc.stderr and "at step 10" in proc.stderr
 
@@ -152,8 +249,14 @@ def test_corrupt_newest_checkpoint_falls_back(tmp_path, tiny_dataset):
 def test_resume_refuses_changed_shape(tmp_path, tiny_dataset):
     """C8: listed with old and new values, before allocating anything."""
     ok(run(tmp_path, tiny_dataset, training__max_steps=5, eval__interval=0))
-    proc = run(tmp_path, tiny_dataset, "--resume", "auto", model__d_model=128,
-               training__batch_size=4)
+    proc = run(
+        tmp_path,
+        tiny_dataset,
+        "--resume",
+        "auto",
+        model__d_model=128,
+        training__batch_size=4,
+    )
     assert proc.returncode == 2
     assert "model.d_model: checkpoint 64 -> now 128" in proc.stderr
     assert "training.batch_size: checkpoint 8 -> now 4" in proc.stderr
@@ -198,9 +301,16 @@ def test_second_trainer_on_same_run_is_refused(tmp_path, tiny_dataset):
 def test_non_finite_steps_are_skipped_then_stop(tmp_path, tiny_dataset):
     """N1: an absurd learning rate makes every later step non-finite; the updates are
     skipped, the run stops with the step number, and no checkpoint is written."""
-    proc = run(tmp_path, tiny_dataset, training__learning_rate=1e30,
-               training__warmup_steps=0, training__max_consecutive_skips=3,
-               training__max_steps=40, checkpoint__interval=0, eval__interval=0)
+    proc = run(
+        tmp_path,
+        tiny_dataset,
+        training__learning_rate=1e30,
+        training__warmup_steps=0,
+        training__max_consecutive_skips=3,
+        training__max_steps=40,
+        checkpoint__interval=0,
+        eval__interval=0,
+    )
     assert proc.returncode == 1, proc.stderr[-2000:]
     assert "consecutive steps with a non-finite" in proc.stderr
     assert "update skipped" in proc.stderr
@@ -222,9 +332,19 @@ def test_quickstart_script_end_to_end(tmp_path):
         os.symlink(ROOT / name, work / name)
     os.symlink(ROOT / ".venv", work / ".venv")
     proc = subprocess.run(
-        ["bash", "scripts/quickstart.sh", "--skip-setup", "--config", "configs/tiny.yaml",
-         "--data", str(corpus)],
-        cwd=work, capture_output=True, text=True, timeout=600,
+        [
+            "bash",
+            "scripts/quickstart.sh",
+            "--skip-setup",
+            "--config",
+            "configs/tiny.yaml",
+            "--data",
+            str(corpus),
+        ],
+        cwd=work,
+        capture_output=True,
+        text=True,
+        timeout=600,
     )
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
     assert proc.stdout.count("---") == 3 and "Once upon a time" in proc.stdout
