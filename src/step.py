@@ -21,7 +21,7 @@ from collections.abc import Callable
 import mlx.core as mx
 import mlx.nn as nn
 import mlx.optimizers as optim
-from mlx.utils import tree_map
+from mlx.utils import tree_flatten, tree_map
 
 from .config import TrainingConfig
 
@@ -87,7 +87,10 @@ def make_train_step(
         accum = batch.shape[0]
         loss, grads = loss_and_grad(params, batch[0])
         for i in range(1, accum):  # unrolled: accumulation lives inside the graph
-            micro_loss, micro_grads = loss_and_grad(params, batch[i])
+            # Start micro-batch i only once the gradients so far exist, so that one
+            # micro-batch's activations are alive at a time (else memory grows with accum).
+            micro = mx.depends(batch[i], [loss, *(g for _, g in tree_flatten(grads))])
+            micro_loss, micro_grads = loss_and_grad(params, micro)
             loss = loss + micro_loss
             grads = tree_map(mx.add, grads, micro_grads)
         model.update(params)  # loss_of left (maybe cast) tracers in the model

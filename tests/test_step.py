@@ -165,3 +165,35 @@ def test_decay_applies_only_to_masked():
     assert mx.array_equal(after["model.norm.weight"], before["model.norm.weight"])
     q = "model.layers.0.self_attn.q_proj.weight"
     assert mx.allclose(after[q], before[q] * (1 - 0.5 * opt.learning_rate.item()))
+
+
+def test_accumulation_does_not_multiply_memory():
+    """Micro-batches run one after another inside the compiled step: peak memory of
+    4 x 8 sequences stays near that of 1 x 8, far below 1 x 32."""
+
+    def peak(batch_size, accum):
+        cfg = config_from_dict(
+            {
+                "model": dict(
+                    vocab_size=256,
+                    d_model=64,
+                    n_layers=2,
+                    n_heads=4,
+                    context_length=256,
+                ),
+                "training": dict(batch_size=batch_size, grad_accum_steps=accum),
+            }
+        )
+        model = Model(cfg.model)
+        opt = build_optimizer(model, cfg.training)
+        step = make_train_step(model, opt, cfg.training)
+        batch = mx.random.randint(0, 256, (accum, batch_size, 257))
+        mx.eval(model.state, opt.state, batch)
+        mx.reset_peak_memory()
+        base = mx.get_active_memory()
+        loss, _, _ = step(batch)
+        mx.eval(model.state, opt.state, loss)
+        return mx.get_peak_memory() - base
+
+    one, four, big = peak(8, 1), peak(8, 4), peak(32, 1)
+    assert four < 1.5 * one and big > 2.5 * one, (one, four, big)
