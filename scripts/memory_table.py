@@ -1,7 +1,7 @@
 """Measure peak memory and step speed of the training step for config presets.
 
     python scripts/memory_table.py configs/quickstart.yaml configs/model_config_small.yaml
-    python scripts/memory_table.py configs/large.yaml --batch-size 1 --steps 2
+    python scripts/memory_table.py configs/large.yaml --batch-size 1 --accum 1 --steps 1
 
 Builds the model and optimizer, runs the compiled training step on random tokens
 (warm-up excluded), and prints a markdown table: parameters, batch, context,
@@ -28,8 +28,12 @@ from src.runlog import fmt_bytes
 from src.step import make_train_step, resolve_precision
 
 
-def measure(path: str, batch_size: int | None, steps: int, warmup: int) -> dict:
-    cfg = load_config(path, [f"training.batch_size={batch_size}"] if batch_size else [])
+def measure(
+    path: str, batch_size: int | None, accum: int | None, steps: int, warmup: int
+) -> dict:
+    sets = [f"training.batch_size={batch_size}"] if batch_size else []
+    sets += [f"training.grad_accum_steps={accum}"] if accum else []
+    cfg = load_config(path, sets)
     m, t = cfg.model, cfg.training
     mx.random.seed(0)
     model = Model(m)
@@ -65,6 +69,7 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("configs", nargs="+")
     p.add_argument("--batch-size", type=int, help="override training.batch_size")
+    p.add_argument("--accum", type=int, help="override training.grad_accum_steps")
     p.add_argument("--steps", type=int, default=3, help="timed steps (median reported)")
     p.add_argument(
         "--warmup", type=int, default=2, help="untimed steps (compile, caches)"
@@ -77,7 +82,7 @@ def main(argv=None) -> int:
     )
     print("|---|---|---|---|---|---|---|---|")
     for path in args.configs:
-        r = measure(path, args.batch_size, args.steps, args.warmup)
+        r = measure(path, args.batch_size, args.accum, args.steps, args.warmup)
         print(
             f"| {r['config']} | {r['params'] / 1e6:.1f}M | {r['batch']} | {r['context']} "
             f"| {fmt_bytes(r['peak'])} | {fmt_bytes(r['estimate'])} "

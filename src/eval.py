@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import mlx.core as mx
 import numpy as np
 
-from .data import TokenLoader
+from .tokens import TokenLoader
 
 
 @dataclass

@@ -25,10 +25,17 @@ def load_model(path: str | Path, tokenizer_path: str | Path | None = None):
     weights, _, meta = ckpt.load_checkpoint(path)
     cfg = config_from_dict(meta["config"])
     tokenizer = Tokenizer.load(tokenizer_path or path / "tokenizer")
-    if tokenizer.vocab_size > cfg.model.vocab_size:
-        raise ConfigError(
-            f"tokenizer {tokenizer.dir} has {tokenizer.vocab_size} tokens but the model "
-            f"in {path} has a vocabulary of {cfg.model.vocab_size}"
+    if tokenizer.sha256 != meta.get("tokenizer_sha256"):
+        trained = Tokenizer.load(path / "tokenizer")
+        if tokenizer.vocab_size != trained.vocab_size:
+            raise ConfigError(
+                f"tokenizer {tokenizer.dir} has {tokenizer.vocab_size} tokens but the "
+                f"model in {path} was trained with a {trained.vocab_size}-token tokenizer"
+            )
+        print(
+            f"warning: {tokenizer.dir} is not the tokenizer {path} was trained with "
+            "(same vocabulary size)",
+            file=sys.stderr,
         )
     model = Model(cfg.model)
     model.load_weights(list(weights.items()), strict=True)

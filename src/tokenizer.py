@@ -38,7 +38,8 @@ from pathlib import Path
 import sentencepiece as spm
 from tqdm import tqdm
 
-from .data import DOC_DELIMITER, DataError, atomic_file, expand_inputs, iter_lines
+from .data import DOC_DELIMITER, expand_inputs, iter_lines
+from .tokens import DataError, atomic_file
 
 # Special tokens; the id of each is its index. pad, unk, bos, eos come first.
 SPECIAL_TOKENS = ("<pad>", "<unk>", "<s>", "</s>")

@@ -23,7 +23,6 @@ from mlx.utils import tree_flatten
 from . import blas
 from . import checkpoint as ckpt
 from .config import Config, ConfigError, dump_config, load_config
-from .data import DataError, TokenLoader
 from .eval import Evaluator
 from .generate import generate_tokens
 from .model import Model, estimate_training_memory
@@ -31,6 +30,7 @@ from .optim import build_optimizer, load_optimizer_state
 from .runlog import RunLog, StopSignal, check_resume_compatible, fmt_bytes
 from .step import make_eval_fn, make_train_step, resolve_precision, step_seed
 from .tokenizer import Tokenizer, TokenizerError
+from .tokens import DataError, TokenLoader
 
 USER_ERRORS = (ConfigError, DataError, TokenizerError, ckpt.CheckpointError)
 

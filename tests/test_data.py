@@ -14,8 +14,9 @@ import numpy as np
 import pytest
 
 from src import data as D
-from src.data import DataError, TokenLoader, validate_token_file, write_tokens
+from src import tokens as T
 from src.tokenizer import Tokenizer, train_tokenizer
+from src.tokens import DataError, TokenLoader, validate_token_file, write_tokens
 
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 
@@ -52,14 +53,14 @@ def test_write_read_round_trip(tmp_path, vocab, itemsize):
     tokens = np.random.default_rng(0).integers(0, vocab, 1234)
     path = tmp_path / "t.bin"
     header = write_tokens(path, tokens.tolist(), vocab)
-    assert header == D.read_header(path)
+    assert header == T.read_header(path)
     assert (header.itemsize, header.n_tokens, header.vocab_size) == (
         itemsize,
         1234,
         vocab,
     )
     assert path.stat().st_size == 32 + 1234 * itemsize
-    np.testing.assert_array_equal(D.open_tokens(path), tokens)
+    np.testing.assert_array_equal(T.open_tokens(path), tokens)
     assert validate_token_file(path, vocab, CTX) == header
     assert list(tmp_path.iterdir()) == [path], "no temp files left behind"
 
@@ -130,7 +131,7 @@ def test_validate_rejects_corruption(token_file, case, message):
 
 
 def test_validate_scans_every_chunk(tmp_path, monkeypatch):
-    monkeypatch.setattr(D, "SCAN_CHUNK", 64)
+    monkeypatch.setattr(T, "SCAN_CHUNK", 64)
     path = tmp_path / "t.bin"
     write_tokens(path, [1] * 1000, VOCAB)
     _patch(path, 32 + 2 * 999, struct.pack("<H", VOCAB))  # in the last chunk
@@ -222,7 +223,7 @@ def test_prepare_writes_documents_with_eos(capsys, tmp_path, stories, tok_dir):
     }
     decoded = set()
     for split in ("train", "val"):
-        tokens = D.open_tokens(out / f"{split}.bin")
+        tokens = T.open_tokens(out / f"{split}.bin")
         docs = split_docs(tokens, tok.eos_id)
         assert meta["splits"][split]["docs"] == len(docs) > 0
         assert meta["splits"][split]["n_tokens"] == len(tokens)
@@ -250,7 +251,7 @@ def test_split_ignores_input_order(capsys, tmp_path, stories, tok_dir):
         prepare(capsys, "--input", b2, b1, *tokdir, "--output", tmp_path / "b")[0] == 0
     )
     for split in ("train", "val"):
-        a, b = (D.open_tokens(tmp_path / r / f"{split}.bin") for r in "ab")
+        a, b = (T.open_tokens(tmp_path / r / f"{split}.bin") for r in "ab")
         assert sorted(split_docs(a, 3)) == sorted(split_docs(b, 3)), split
 
 

@@ -197,3 +197,17 @@ def test_accumulation_does_not_multiply_memory():
 
     one, four, big = peak(8, 1), peak(8, 4), peak(32, 1)
     assert four < 1.5 * one and big > 2.5 * one, (one, four, big)
+
+
+def test_bf16_compute_keeps_fp32_master_weights():
+    """The GPU precision policy, forced on CPU: bf16 forward/backward, fp32 params and
+    optimizer state, and a loss close to the fp32 step's."""
+    data = batches(3)
+    m32, o32, s32, cfg = setup(compile=True)
+    m16, o16, _, _ = setup(compile=True)
+    s16 = make_train_step(m16, o16, cfg.training, compute_dtype=mx.bfloat16)
+    l32, l16 = run(s32, m32, o32, data), run(s16, m16, o16, data)
+    assert np.allclose(l32, l16, rtol=2e-2), (l32, l16)
+    assert all(v.dtype == mx.float32 for _, v in tree_flatten(m16.parameters()))
+    assert all(v.dtype == mx.float32 for k, v in tree_flatten(o16.state) if k != "step")
+    assert l16 != l32  # it really ran in bf16

@@ -349,3 +349,74 @@ def test_quickstart_script_end_to_end(tmp_path):
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
     assert proc.stdout.count("---") == 3 and "Once upon a time" in proc.stdout
     assert (work / "checkpoints" / "tiny" / "latest" / "COMMIT").exists()
+
+
+def test_ctrl_c_twice_exits_at_once(tmp_path, tiny_dataset):
+    """C3: the second Ctrl-C exits immediately (130); committed checkpoints stay valid."""
+    from src.checkpoint import list_checkpoints, verify_checkpoint
+
+    proc = subprocess.Popen(
+        cmd(
+            tmp_path,
+            tiny_dataset,
+            training__max_steps=100000,
+            checkpoint__interval=5,
+            eval__interval=0,
+        ),
+        cwd=ROOT,
+        text=True,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
+    wait_for_rows(tmp_path, 12, proc)
+    proc.send_signal(signal.SIGINT)
+    time.sleep(0.05)
+    proc.send_signal(signal.SIGINT)
+    proc.communicate(timeout=60)
+    assert proc.returncode == 130
+    saved = list_checkpoints(tmp_path / "ck" / "tiny")
+    assert saved
+    for path in saved:
+        verify_checkpoint(path)
+
+
+def test_inference_refuses_other_vocabulary(tmp_path, tiny_dataset, tiny_corpus):
+    """V3: a tokenizer with another vocabulary is refused, with both sizes."""
+    from src import tokenizer
+
+    ok(run(tmp_path, tiny_dataset, training__max_steps=2, eval__interval=0))
+    other = tmp_path / "tok400"
+    assert (
+        tokenizer.main(
+            [
+                "train",
+                "--input",
+                str(tiny_corpus),
+                "--output",
+                str(other),
+                "--vocab-size",
+                "400",
+            ]
+        )
+        == 0
+    )
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "src.inference",
+            "--checkpoint",
+            str(tmp_path / "ck" / "tiny" / "latest"),
+            "--tokenizer",
+            str(other),
+            "--prompt",
+            "Hi",
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+    )
+    assert proc.returncode == 2, proc.stderr
+    assert (
+        "400" in proc.stderr and "512" in proc.stderr and "Traceback" not in proc.stderr
+    )
