@@ -62,6 +62,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="start from scratch even if this run already has checkpoints "
         "(deletes them and the run's logs)",
     )
+    p.add_argument(
+        "--show-config",
+        action="store_true",
+        help="print the resolved config (every key, with defaults and overrides) and exit",
+    )
     return p.parse_args(argv)
 
 
@@ -69,6 +74,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:
         cfg = load_config(args.config, args.set)
+        if args.show_config:
+            print(dump_config(cfg), end="")
+            return 0
         return train(cfg, args.resume, args.overwrite)
     except USER_ERRORS as exc:
         print(f"error: {exc}", file=sys.stderr)
@@ -205,10 +213,10 @@ class Trainer:
 
     def _loop(self, start: int) -> int:
         cfg, t = self.cfg, self.cfg.training
-        bar = self.log.progress(start, t.max_steps)
-        pending: list[tuple[int, mx.array, mx.array, mx.array, mx.array]] = []
-        consecutive_bad, last_saved = 0, start
-        tic, tic_step = time.perf_counter(), start
+        self.bar = self.log.progress(start, t.max_steps)
+        self.pending: list[tuple[int, mx.array, mx.array, mx.array, mx.array]] = []
+        self.consecutive_bad = 0
+        self.tic, self.tic_step = time.perf_counter(), start
         step = start
         while step < t.max_steps and not self.stop.requested:
             batch = self.train_data.batch(
@@ -220,38 +228,52 @@ class Trainer:
             lr = self.optimizer.learning_rate
             mx.eval(self.model.state, self.optimizer.state, loss, grad_norm, ok, lr)
             step += 1
-            bar.update(1)
-            pending.append((step, loss, grad_norm, ok, lr))
+            self.bar.update(1)
+            self.pending.append((step, loss, grad_norm, ok, lr))
 
-            boundary = step == t.max_steps or self.stop.requested
-            eval_now = cfg.eval.interval and step % cfg.eval.interval == 0
-            save_now = cfg.checkpoint.interval and step % cfg.checkpoint.interval == 0
-            if step % cfg.logging.interval == 0 or boundary or eval_now or save_now:
-                elapsed = time.perf_counter() - tic
-                tps = self.tokens_per_step * (step - tic_step) / max(elapsed, 1e-9)
-                consecutive_bad = self.log.flush_steps(
-                    pending, tps, consecutive_bad, t.spike_factor, bar
-                )
-                pending = []
-                if consecutive_bad >= t.max_consecutive_skips:
-                    self.log.error(
-                        f"stopping: {consecutive_bad} consecutive steps with a non-finite "
-                        f"loss or gradient (up to step {step}); lower the learning rate "
-                        "or check the data"
-                    )
+            final = step == t.max_steps
+            eval_now = final or (cfg.eval.interval and step % cfg.eval.interval == 0)
+            save_now = final or (
+                cfg.checkpoint.interval and step % cfg.checkpoint.interval == 0
+            )
+            if step % cfg.logging.interval == 0 or eval_now or save_now:
+                if not self._flush(step):
                     return 1
-                tic, tic_step = time.perf_counter(), step
             metric = None
-            if eval_now or boundary:
+            if eval_now and not self.stop.requested:  # a stop saves without eval
                 metric = self._evaluate(step)
-            if save_now or boundary:
+            # A signal that arrived during this step or its evaluation saves it now.
+            if save_now or self.stop.requested:
+                if not self._flush(step):
+                    return 1
                 self._save(step, metric)
-                last_saved = step
-                tic = time.perf_counter()  # keep eval/save time out of tokens/s
-        bar.close()
+            if eval_now or save_now:
+                self.tic = time.perf_counter()  # keep eval/save out of tokens/s
+        self.bar.close()
         if self.stop.requested:
-            self.log.info(f"stopped by signal; saved step {last_saved}")
+            self.log.info(f"stopped by signal; saved step {step}")
         return 0
+
+    def _flush(self, step: int) -> bool:
+        """Write the buffered step rows; False when too many steps in a row failed."""
+        if not self.pending:
+            return True
+        t = self.cfg.training
+        elapsed = time.perf_counter() - self.tic
+        tps = self.tokens_per_step * (step - self.tic_step) / max(elapsed, 1e-9)
+        self.consecutive_bad = self.log.flush_steps(
+            self.pending, tps, self.consecutive_bad, t.spike_factor, self.bar
+        )
+        self.pending = []
+        self.tic, self.tic_step = time.perf_counter(), step
+        if self.consecutive_bad >= t.max_consecutive_skips:
+            self.log.error(
+                f"stopping: {self.consecutive_bad} consecutive steps with a non-finite "
+                f"loss or gradient (up to step {step}); lower the learning rate "
+                "or check the data"
+            )
+            return False
+        return True
 
     def _evaluate(self, step: int) -> float:
         self.model.eval()

@@ -352,7 +352,11 @@ def test_quickstart_script_end_to_end(tmp_path):
 
 
 def test_ctrl_c_twice_exits_at_once(tmp_path, tiny_dataset):
-    """C3: the second Ctrl-C exits immediately (130); committed checkpoints stay valid."""
+    """C3: a second Ctrl-C during the save that the first one started exits at once
+    (130); the checkpoints committed before stay valid. The model is big enough
+    (~80 MB of checkpoint) that the save is still running when the second arrives."""
+    import threading
+
     from src.checkpoint import list_checkpoints, verify_checkpoint
 
     proc = subprocess.Popen(
@@ -360,22 +364,32 @@ def test_ctrl_c_twice_exits_at_once(tmp_path, tiny_dataset):
             tmp_path,
             tiny_dataset,
             training__max_steps=100000,
-            checkpoint__interval=5,
+            checkpoint__interval=10,
             eval__interval=0,
+            model__d_model=384,
+            model__n_layers=4,
         ),
         cwd=ROOT,
         text=True,
-        stdout=subprocess.PIPE,
+        stdout=subprocess.DEVNULL,
         stderr=subprocess.PIPE,
     )
+    lines = []
+    reader = threading.Thread(target=lambda: lines.extend(proc.stderr), daemon=True)
+    reader.start()
     wait_for_rows(tmp_path, 12, proc)
     proc.send_signal(signal.SIGINT)
-    time.sleep(0.05)
+    deadline = time.time() + 60
+    while (
+        not any("received SIGINT" in line for line in lines) and time.time() < deadline
+    ):
+        time.sleep(0.001)
     proc.send_signal(signal.SIGINT)
-    proc.communicate(timeout=60)
-    assert proc.returncode == 130
+    proc.wait(timeout=60)
+    reader.join(timeout=10)
+    assert proc.returncode == 130, "".join(lines)[-2000:]
     saved = list_checkpoints(tmp_path / "ck" / "tiny")
-    assert saved
+    assert saved and saved[0].name == "step_00000010"
     for path in saved:
         verify_checkpoint(path)
 
