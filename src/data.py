@@ -1,231 +1,46 @@
-"""Text corpora -> token files: corpus discovery and reading, `prepare`, `download`,
-`locate` and their CLI. The token-file format and the loader are in `src.tokens`.
+"""The data CLI: `prepare`, `split`, `stats`, `locate` and `download`.
 
-Documents go to train or val by the sha1 of their text; each is followed by EOS.
+Reading sources is `src.corpus`, filtering/encoding/splitting is `src.prepare`, the
+token-file format and loader are `src.tokens`. No MLX or torch here.
 
     python -m src.data prepare --input data/raw/tinystories_train.txt \\
-        --tokenizer out/tokenizer --output out/data
+        --tokenizer data/tokenizer --output data/tinystories
+    python -m src.data prepare --hf-dataset HuggingFaceFW/fineweb-edu \\
+        --hf-config sample-10BT --max-tokens 100000000 \\
+        --tokenizer data/tokenizer --output data/fineweb
 """
 
 from __future__ import annotations
 
 import argparse
-import contextlib
-import glob
-import hashlib
-import itertools
 import json
 import sys
-from collections.abc import Iterable, Iterator, Sequence
-from dataclasses import asdict
+from collections.abc import Sequence
 from pathlib import Path
 
-import numpy as np
 from tqdm import tqdm
 
-from .tokens import VERSION, DataError, TokenWriter, atomic_file
-
-DOC_DELIMITER = "<|endoftext|>"  # a line holding only this ends a document
-BINARY_SNIFF = 8192  # a NUL byte in the first 8 KiB marks a binary file (as git)
-SPLITS = ("train", "val")
-
-
-# ------------------------------------------------------------------ text corpora
-
-
-def expand_inputs(specs: Iterable[str | Path]) -> list[Path]:
-    """Files, folders (every *.txt below, sorted) and globs -> unique file paths."""
-    paths: dict[Path, None] = {}
-    for spec in specs:
-        p = Path(spec)
-        if p.is_dir():
-            found = sorted(q for q in p.rglob("*.txt") if q.is_file())
-            if not found:
-                raise DataError(f"{p}: folder holds no .txt files")
-        elif p.is_file():
-            found = [p]
-        elif any(c in str(spec) for c in "*?["):
-            found = sorted(Path(q) for q in glob.glob(str(spec), recursive=True))
-            if not (found := [q for q in found if q.is_file()]):
-                raise DataError(f"no files match {str(spec)!r}")
-        else:
-            raise DataError(f"{p}: no such file or folder")
-        paths.update(dict.fromkeys(found))
-    if not paths:
-        raise DataError("no input files given")
-    return list(paths)
-
-
-def iter_lines(path: Path) -> Iterator[tuple[str, int]]:
-    """Yield (line without \\n or \\r\\n, its raw byte length) of a UTF-8 file;
-    DataError naming the file for binary or non-UTF-8 content."""
-    with open(path, "rb") as f:
-        if b"\x00" in f.read(BINARY_SNIFF):
-            raise DataError(f"{path}: looks like a binary file (NUL bytes), not text")
-        f.seek(0)
-        offset = 0
-        for raw in f:
-            try:
-                line = raw.decode("utf-8")
-            except UnicodeDecodeError as e:
-                where = offset + e.start
-                raise DataError(
-                    f"{path}: not UTF-8 text (bad byte at {where})"
-                ) from None
-            if offset == 0:
-                line = line.removeprefix("\ufeff")  # a byte order mark is no text
-            offset += len(raw)
-            if line.endswith("\n"):
-                line = line[:-2] if line.endswith("\r\n") else line[:-1]
-            yield line, len(raw)
-
-
-def iter_documents(
-    path: Path, delimiter: str = DOC_DELIMITER
-) -> Iterator[tuple[str, int]]:
-    """Yield (stripped document, bytes consumed) of one file; documents may be "".
-
-    delimiter: a line holding only this text ends a document; "blank": blank lines
-    separate documents; "none": the whole file is one document.
-    """
-    lines: list[str] = []
-    nbytes = 0
-    for line, n in iter_lines(path):
-        nbytes += n
-        s = line.strip()
-        if delimiter == "blank":
-            boundary = not s
-        else:
-            boundary = delimiter != "none" and s == delimiter
-        if boundary:
-            yield "\n".join(lines).strip(), nbytes
-            lines, nbytes = [], 0
-        else:
-            lines.append(line)
-    yield "\n".join(lines).strip(), nbytes
-
-
-def find_corpus(spec: str | None = None) -> list[Path]:
-    """`spec` (a file, folder or glob), else TinyStories from data/raw/ (under the
-    cwd, then the repo) or ../shared/data/ (from the cwd, then beside the repo)."""
-    if spec is not None:
-        return expand_inputs([spec])
-    repo = Path(__file__).resolve().parents[1]
-    looked: list[str] = []
-    for raw in (Path("data/raw"), repo / "data" / "raw"):
-        looked.append(f"{raw}/[Tt]iny[Ss]tories*.txt")
-        found = sorted(raw.glob("[Tt]iny[Ss]tories*.txt"))
-        if found:  # prefer the training split when several are there
-            return [p for p in found if "train" in p.name.lower()] or found
-    for shared in (Path("../shared/data"), repo.parent / "shared" / "data"):
-        looked.append(str(candidate := shared / "tinystories_train.txt"))
-        if candidate.is_file():
-            return [candidate]
-    raise DataError(
-        f"no training text found (looked for {', '.join(looked)}); pass --data PATH "
-        "(a .txt file, folder or glob) or download TinyStories with `python -m "
-        "src.data download --output data/raw/tinystories_train.txt`"
-    )
-
-
-def split_of(text: str, val_fraction: float) -> tuple[str, bytes]:
-    """(split, sha1) of a document: the split depends on its text only."""
-    digest = hashlib.sha1(text.encode("utf-8")).digest()
-    val = int.from_bytes(digest[:8], "big") < val_fraction * 2**64
-    return ("val" if val else "train"), digest
-
-
-def prepare_dataset(
-    inputs: Sequence[str | Path],
-    tokenizer: str | Path,
-    output: str | Path,
-    delimiter: str = DOC_DELIMITER,
-    val_fraction: float = 0.1,
-    max_docs: int | None = None,
-    batch_docs: int = 1024,
-) -> dict:
-    """Text files -> output/{train,val}.bin and meta.json; returns the meta.
-
-    Documents are stripped, empty ones skipped, exact duplicates dropped; each goes
-    to train or val by the sha1 of its text and is followed by EOS.
-    """
-    from .tokenizer import Tokenizer  # the tokenizer module imports this one
-
-    if not 0.0 < val_fraction < 1.0:
-        raise DataError(f"val fraction must be in (0, 1), got {val_fraction}")
-    if max_docs is not None and max_docs < 1:
-        raise DataError(f"max docs must be >= 1, got {max_docs}")
-    tok = Tokenizer.load(tokenizer)
-    paths = expand_inputs(inputs)
-    out = Path(output)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "meta.json").unlink(missing_ok=True)  # never a stale meta beside new bins
-    seen: set[bytes] = set()
-    docs, duplicates = dict.fromkeys(SPLITS, 0), 0
-    pending: list[tuple[str, str]] = []
-    with contextlib.ExitStack() as stack:
-        files = {s: stack.enter_context(atomic_file(out / f"{s}.bin")) for s in SPLITS}
-        writers = {s: TokenWriter(f, tok.vocab_size) for s, f in files.items()}
-
-        def flush() -> None:
-            encoded = tok.encode_batch([text for _, text in pending])
-            for s in SPLITS:
-                ids = [
-                    e + [tok.eos_id]
-                    for (d, _), e in zip(pending, encoded, strict=True)
-                    if d == s
-                ]
-                n = sum(map(len, ids))
-                writers[s].write(np.fromiter(itertools.chain(*ids), np.int64, n))
-            pending.clear()
-
-        total = sum(p.stat().st_size for p in paths)
-        bar = tqdm(total=total, unit="B", unit_scale=True, desc="prepare")
-        stack.enter_context(bar)
-        stream = (doc for p in paths for doc in iter_documents(p, delimiter))
-        for text, nbytes in stream:
-            bar.update(nbytes)
-            if max_docs is not None and len(seen) >= max_docs:
-                break
-            if not text:
-                continue
-            split, digest = split_of(text, val_fraction)
-            if digest in seen:
-                duplicates += 1
-                continue
-            seen.add(digest)
-            docs[split] += 1
-            pending.append((split, text))
-            if len(pending) >= batch_docs:
-                flush()
-        flush()
-        for s, name in (("train", "training"), ("val", "validation")):
-            if docs[s] == 0:
-                raise DataError(
-                    f"the {name} split is empty ({len(seen)} unique documents, val "
-                    f"fraction {val_fraction}): use more text or check --delimiter"
-                )
-        headers = {s: w.finish() for s, w in writers.items()}
-    meta = {
-        "format_version": VERSION,
-        "tokenizer": {
-            "dir": str(tok.dir),
-            "sha256": tok.sha256,
-            "vocab_size": tok.vocab_size,
-        },
-        "inputs": [{"path": str(p), "bytes": p.stat().st_size} for p in paths],
-        "delimiter": delimiter,
-        "val_fraction": val_fraction,
-        "max_docs": max_docs,
-        "duplicates_dropped": duplicates,
-        "splits": {
-            s: {"file": f"{s}.bin", "docs": docs[s], **asdict(headers[s])}
-            for s in SPLITS
-        },
-    }
-    with atomic_file(out / "meta.json", "w") as f:
-        json.dump(meta, f, indent=2)
-    return meta
+from .corpus import (  # noqa: F401  (re-exported: callers import these from here)
+    DEFAULT_TEXT_FIELD,
+    DOC_DELIMITER,
+    HubSource,
+    expand_inputs,
+    find_corpus,
+    iter_documents,
+    iter_lines,
+)
+from .prepare import (  # noqa: F401  (split_of, SPLITS re-exported)
+    DEFAULT_MAX_REPETITION,
+    DEFAULT_MIN_WORDS,
+    SPLITS,
+    QualityFilter,
+    prepare_dataset,
+    split_of,
+    split_token_file,
+    token_stats,
+)
+from .tokenizer import TokenizerError
+from .tokens import DataError, atomic_file
 
 
 def download_tinystories(
@@ -279,20 +94,115 @@ def _positive_int(s: str) -> int:
     return int(s)
 
 
-def _fraction(s: str) -> float:
-    try:
-        v = float(s)
-    except ValueError:
-        v = -1.0
-    if not 0.0 < v < 1.0:
-        raise argparse.ArgumentTypeError(f"expected a number in (0, 1), got {s!r}")
-    return v
+def _count(s: str) -> int:
+    if not s.isdigit():
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {s!r}")
+    return int(s)
 
+
+def _number(lo: float, hi: float, hi_open: bool):
+    def parse(s: str) -> float:
+        try:
+            v = float(s)
+        except ValueError:
+            v = float("nan")
+        if not (lo < v < hi if hi_open else lo <= v <= hi):
+            bounds = f"({lo}, {hi})" if hi_open else f"[{lo}, {hi}]"
+            raise argparse.ArgumentTypeError(
+                f"expected a number in {bounds}, got {s!r}"
+            )
+        return v
+
+    return parse
+
+
+_fraction = _number(0.0, 1.0, hi_open=True)
+_share = _number(0.0, 1.0, hi_open=False)
 
 DELIMITER_HELP = (
-    f"a line holding only this text ends a document (default {DOC_DELIMITER}); "
-    "'blank': blank lines separate documents; 'none': one document per file"
+    f".txt files: a line holding only this text ends a document (default "
+    f"{DOC_DELIMITER}); 'blank': blank lines separate documents; 'none': one "
+    "document per file"
 )
+PREPARE_DESCRIPTION = """\
+Read documents, drop empty, too short, highly repetitive and exactly duplicated
+ones (counted in meta.json), put each in train or val by a hash of its text (the
+same document always lands on the same side, whatever the input order), and write
+OUTPUT/train.bin, OUTPUT/val.bin and OUTPUT/meta.json, EOS after every document.
+
+sources (one of):
+  --input PATH...   .txt (documents split by --delimiter), .jsonl/.json (one JSON
+                    object per line, text in --text-field) and .parquet files,
+                    folders (every such file below) or globs
+  --hf-dataset NAME a Hugging Face hub dataset, streamed (needs network), e.g.
+                    roneneldan/TinyStories; HuggingFaceFW/fineweb-edu with
+                    --hf-config sample-10BT; Skylion007/openwebtext
+"""
+
+
+def _add_prepare(sub) -> None:
+    pre = sub.add_parser(
+        "prepare",
+        help="tokenize documents into train.bin, val.bin and meta.json",
+        description=PREPARE_DESCRIPTION,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    add = pre.add_argument
+    src = pre.add_mutually_exclusive_group(required=True)
+    src.add_argument(
+        "--input", nargs="+", metavar="PATH", help="files, folders or globs"
+    )
+    src.add_argument("--hf-dataset", metavar="NAME", help="hub dataset id")
+    add("--hf-config", metavar="C", help="hub dataset config, e.g. sample-10BT")
+    add("--hf-split", default="train", metavar="S", help="hub split (default train)")
+    add("--tokenizer", required=True, metavar="DIR", help="from src.tokenizer train")
+    add("--output", required=True, metavar="DIR", help="folder for the token files")
+    add("--delimiter", default=DOC_DELIMITER, help=DELIMITER_HELP)
+    add(
+        "--text-field",
+        default=DEFAULT_TEXT_FIELD,
+        metavar="NAME",
+        help=f"field holding the text in jsonl/parquet/hub rows (default "
+        f"{DEFAULT_TEXT_FIELD})",
+    )
+    add(
+        "--val-fraction",
+        type=_fraction,
+        default=0.1,
+        metavar="F",
+        help="share of documents for validation (default 0.1)",
+    )
+    add("--max-docs", type=_positive_int, metavar="N", help="keep N documents")
+    add(
+        "--max-tokens",
+        type=_positive_int,
+        metavar="N",
+        help="stop once N tokens are written (whole documents)",
+    )
+    add(
+        "--min-words",
+        type=_count,
+        default=DEFAULT_MIN_WORDS,
+        metavar="N",
+        help=f"drop documents with fewer words (default {DEFAULT_MIN_WORDS}; 0: off)",
+    )
+    add(
+        "--max-repetition",
+        type=_share,
+        default=DEFAULT_MAX_REPETITION,
+        metavar="F",
+        help="drop documents whose share of repeated characters (repeated lines, "
+        "or repeats of the most frequent word pair) exceeds F (default "
+        f"{DEFAULT_MAX_REPETITION}; 1: off)",
+    )
+    add("--bos", action="store_true", help="also put BOS before every document")
+    add(
+        "--workers",
+        type=_positive_int,
+        metavar="N",
+        help="processes that filter and encode (default: one per core; the "
+        "output is the same for any N)",
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -301,35 +211,34 @@ def build_parser() -> argparse.ArgumentParser:
         description="Turn text corpora into token files for training.",
     )
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    pre = sub.add_parser(
-        "prepare",
-        help="tokenize .txt files into train.bin, val.bin and meta.json",
-        description="Split text into documents, drop empty and duplicate ones, put "
-        "each in train or val by a hash of its text (the same document always "
-        "lands on the same side), and write each split's tokens, EOS after every "
-        "document.",
+    _add_prepare(sub)
+    sp = sub.add_parser(
+        "split",
+        help="split an existing token file by index into train.bin and val.bin",
+        description="The first part of FILE becomes OUTPUT/train.bin, the last "
+        "part OUTPUT/val.bin (plus meta.json). The cut moves forward to the next "
+        "document boundary (EOS) unless --exact.",
     )
-    add = pre.add_argument
-    add(
-        "--input",
-        nargs="+",
-        required=True,
-        metavar="PATH",
-        help=".txt files, folders (every *.txt below) or globs",
+    add = sp.add_argument
+    add("--input", required=True, metavar="FILE", help="a token file")
+    add("--output", required=True, metavar="DIR", help="folder to write")
+    how = sp.add_mutually_exclusive_group(required=True)
+    how.add_argument(
+        "--val-fraction", type=_fraction, metavar="F", help="share of tokens for val"
     )
-    add("--tokenizer", required=True, metavar="DIR", help="from src.tokenizer train")
-    add("--output", required=True, metavar="DIR", help="folder for the token files")
-    add("--delimiter", default=DOC_DELIMITER, help=DELIMITER_HELP)
-    add(
-        "--val-fraction",
-        type=_fraction,
-        default=0.1,
-        metavar="F",
-        help="share of documents for validation (default 0.1)",
+    how.add_argument(
+        "--val-tokens", type=_positive_int, metavar="N", help="tokens for val"
     )
-    add(
-        "--max-docs", type=_positive_int, metavar="N", help="keep the first N documents"
+    add("--exact", action="store_true", help="cut exactly, even inside a document")
+    add("--eos-id", type=_count, default=3, metavar="ID", help="(default 3)")
+    st = sub.add_parser(
+        "stats",
+        help="print the header, documents and size of token files",
+        description="For each token file (or folder of *.bin): tokens, dtype, "
+        "vocab size, documents (EOS count) and the largest id, as JSON lines.",
     )
+    st.add_argument("paths", nargs="+", metavar="PATH", help="token files or folders")
+    st.add_argument("--eos-id", type=_count, default=3, metavar="ID")
     loc = sub.add_parser(
         "locate",
         help="print the corpus files to use, one per line",
@@ -352,21 +261,65 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    from .tokenizer import TokenizerError  # the tokenizer module imports this one
+def _prepare(args) -> None:
+    if args.hf_dataset:
+        source = HubSource(args.hf_dataset, args.hf_config, args.hf_split)
+    elif args.hf_config:
+        raise DataError("--hf-config needs --hf-dataset")
+    else:
+        source = args.input
+    quality = QualityFilter(args.min_words, args.max_repetition)
+    meta = prepare_dataset(
+        source,
+        args.tokenizer,
+        args.output,
+        delimiter=args.delimiter,
+        val_fraction=args.val_fraction,
+        max_docs=args.max_docs,
+        max_tokens=args.max_tokens,
+        text_field=args.text_field,
+        quality=quality,
+        bos=args.bos,
+        workers=args.workers,
+    )
+    for s, info in meta["splits"].items():
+        out = Path(args.output) / info["file"]
+        print(f"{s}: {info['docs']} docs, {info['n_tokens']} tokens -> {out}")
+    print("dropped: " + ", ".join(f"{n} {k}" for k, n in meta["dropped"].items()))
+    print(f"duplicates dropped: {meta['duplicates_dropped']}")
 
+
+def _stats(args) -> None:
+    for spec in args.paths:
+        p = Path(spec)
+        files = sorted(p.glob("*.bin")) if p.is_dir() else [p]
+        if not files:
+            raise DataError(f"{p}: folder holds no .bin token files")
+        for f in files:
+            print(json.dumps(token_stats(f, args.eos_id)))
+
+
+def main(argv: Sequence[str] | None = None) -> int:
     try:
         args = build_parser().parse_args(argv)
     except SystemExit as e:  # --help, or a usage error argparse already printed
         return e.code if isinstance(e.code, int) else 2
     try:
         if args.command == "prepare":
-            opts = (args.delimiter, args.val_fraction, args.max_docs)
-            meta = prepare_dataset(args.input, args.tokenizer, args.output, *opts)
+            _prepare(args)
+        elif args.command == "split":
+            meta = split_token_file(
+                args.input,
+                args.output,
+                args.val_fraction,
+                args.val_tokens,
+                None if args.exact else args.eos_id,
+            )
             for s, info in meta["splits"].items():
                 out = Path(args.output) / info["file"]
-                print(f"{s}: {info['docs']} docs, {info['n_tokens']} tokens -> {out}")
-            print(f"duplicates dropped: {meta['duplicates_dropped']}")
+                print(f"{s}: {info['n_tokens']} tokens -> {out}")
+        elif args.command == "stats":
+            _stats(args)
         elif args.command == "locate":
             print("\n".join(str(p) for p in find_corpus(args.data)))
         else:

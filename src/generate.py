@@ -1,26 +1,149 @@
-"""Token generation over a KV cache (the engine under samples, inference and chat).
+"""Token generation over a KV cache: layer 1 of three (see STYLE.md, habit 6).
 
-`generate_tokens` prefills the prompt in one pass, then decodes one token per step,
-each step attending to the cached keys/values: O(L) work per new token instead of
-re-running the whole sequence. The window is the model's context: a longer prompt
-keeps its last tokens, and generation stops when the context is full.
+Layer 1, `generate_step`: prefill the prompt in chunks of `prefill_chunk` tokens
+(bounded memory for long prompts), then decode one token per step attending to
+the cached keys/values: O(L) work per new token instead of re-running the whole
+sequence. The next step is queued (`mx.async_eval`) before the current token is
+handed out, so Python overhead overlaps the model's work. Rows of a batch share
+one cache and decode in lockstep; prompts in a batch must have the same length.
+The cache (`src.model.KVCache`) has its growth step set to the context, so it is
+allocated once, at the first prefill, and never grows or copies.
+
+Layer 2 (text, streaming, batches) is `src/textgen.py`; layer 3 the CLI and REPL.
+
+The window is the model's context: a longer prompt keeps its last tokens (with a
+warning) and generation stops when the context is full.
 """
 
 from __future__ import annotations
 
+import sys
+import time
 from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
 
 import mlx.core as mx
 import mlx.nn as nn
 
+from .model import KVCache
+from .sampling import Sampling, make_processors, make_sampler
 
-def sample(
-    logits: mx.array, temperature: float, key: mx.array | None = None
-) -> mx.array:
-    """Next token ids from logits (B, vocab): greedy when temperature == 0."""
-    if temperature <= 0:
-        return mx.argmax(logits, axis=-1)
-    return mx.random.categorical(logits * (1.0 / temperature), key=key)
+PREFILL_CHUNK = 512
+
+
+@dataclass
+class Stats:
+    """Counts and timings of one generation (filled in by `generate_step`)."""
+
+    prompt_tokens: int = 0
+    generated_tokens: int = 0  # the first comes out of the prefill
+    prefill_s: float = 0.0
+    decode_tokens: int = 0  # the others, over decode_s
+    decode_s: float = 0.0
+
+    def summary(self) -> str:
+        pre = self.prompt_tokens / max(self.prefill_s, 1e-9)
+        dec = self.decode_tokens / max(self.decode_s, 1e-9)
+        peak = mx.get_peak_memory() / 2**20
+        return (
+            f"prompt {self.prompt_tokens} tokens ({pre:,.0f} tok/s prefill), "
+            f"generated {self.generated_tokens} tokens ({dec:,.0f} tok/s decode), "
+            f"peak memory {peak:,.1f} MiB"
+        )
+
+
+def make_cache(model: nn.Module) -> list[KVCache]:
+    """One KV cache per layer, preallocated to the context at the first prefill."""
+    return model.make_cache(step=model.config.context_length)
+
+
+def fit_prompt(ids: Sequence[int], context: int, reserve: int = 0) -> list[int]:
+    """The last `context - reserve` tokens of `ids`, warning when that cuts it."""
+    keep = max(context - reserve, 1)
+    if len(ids) > keep:
+        print(
+            f"warning: the prompt has {len(ids)} tokens; keeping its last {keep} "
+            f"(context {context})",
+            file=sys.stderr,
+        )
+        return list(ids[-keep:])
+    return list(ids)
+
+
+def prefill(model: nn.Module, tokens: mx.array, cache: list, chunk: int) -> mx.array:
+    """Run tokens (B, L) through the model into `cache`; logits (B, V) of the last.
+
+    All but the last token go in chunks whose logits are never evaluated (lazy
+    graphs: the LM head is skipped); the last token alone gives the logits."""
+    while tokens.shape[1] > 1:
+        n = min(chunk, tokens.shape[1] - 1)
+        model(tokens[:, :n], cache=cache)
+        mx.eval([(c.keys, c.values) for c in cache])
+        tokens = tokens[:, n:]
+    return model(tokens, cache=cache)[:, -1, :]
+
+
+def generate_step(
+    model: nn.Module,
+    prompt: mx.array,
+    sampling: Sampling,
+    cache: list | None,
+    history: mx.array | None = None,
+    max_new_tokens: int | None = None,
+    stats: Stats | None = None,
+    prefill_chunk: int = PREFILL_CHUNK,
+) -> Iterator[mx.array]:
+    """Yield next-token arrays (B,) continuing `prompt` (B, L) on top of `cache`.
+
+    `history` (B, T) is every token the cache and prompt hold, for the penalties
+    (default: the prompt). `cache=None` re-runs the whole sequence every step: the
+    slow reference the cached path is tested against. The caller stops on EOS;
+    this stops after `max_new_tokens` (default `sampling.max_tokens`)."""
+    n_new = sampling.max_tokens if max_new_tokens is None else max_new_tokens
+    sampler = make_sampler(sampling, model.config.vocab_size)
+    processors = make_processors(sampling)
+    hist = prompt if history is None else history
+    key = mx.random.key(sampling.seed)
+    draws = sampling.temperature > 0  # greedy needs no random key
+    keep_history = bool(processors) or cache is None
+    stats = stats or Stats()
+    stats.prompt_tokens += prompt.size
+
+    def pick(logits: mx.array, hist: mx.array, key: mx.array) -> mx.array:
+        logits = logits.astype(mx.float32)
+        for proc in processors:  # penalties take one row's history
+            rows = [proc(hist[i], logits[i : i + 1]) for i in range(len(hist))]
+            logits = mx.concatenate(rows)
+        return sampler(logits, key)
+
+    if n_new <= 0:
+        return
+    t0 = time.perf_counter()
+    if cache is None:
+        logits = model(hist)[:, -1, :]
+    else:
+        logits = prefill(model, prompt, cache, prefill_chunk)
+    key, sub = mx.random.split(key) if draws else (key, key)
+    y = pick(logits, hist, sub)
+    mx.eval(y)
+    t1 = time.perf_counter()
+    stats.prefill_s += t1 - t0
+    for n in range(n_new):
+        if n + 1 < n_new:  # queue the next step before handing this token out
+            if keep_history:
+                hist = mx.concatenate([hist, y[:, None]], axis=1)
+            if draws:
+                key, sub = mx.random.split(key)
+            window = y[:, None] if cache is not None else hist
+            next_y = pick(model(window, cache=cache)[:, -1, :], hist, sub)
+            mx.async_eval(next_y)
+        stats.generated_tokens += y.shape[0]
+        if n > 0:  # summed over calls, so one Stats can follow several batches
+            stats.decode_tokens += y.shape[0]
+            stats.decode_s += time.perf_counter() - t1
+            t1 = time.perf_counter()
+        yield y
+        y = next_y if n + 1 < n_new else y
 
 
 def generate_tokens(
@@ -31,24 +154,24 @@ def generate_tokens(
     seed: int = 0,
     eos_id: int | None = None,
     use_cache: bool = True,
+    sampling: Sampling | None = None,
+    reserve: int = 0,
+    stats: Stats | None = None,
 ) -> Iterator[int]:
-    """Yield up to `max_new_tokens` token ids continuing `prompt`.
+    """Yield up to `max_new_tokens` ids continuing `prompt`, stopping before EOS
+    and when the context is full. `sampling` overrides temperature and seed.
 
-    `use_cache=False` recomputes the whole window every step: the slow reference
-    the cached path is tested against."""
+    An empty prompt starts from EOS (the document separator in training data). An
+    over-long prompt keeps its last `context - reserve` tokens with a warning."""
     context = model.config.context_length
-    tokens = list(prompt)[-context:] or [eos_id if eos_id is not None else 0]
-    room = context - len(tokens)
-    key = mx.random.key(seed)
-    cache = model.make_cache() if use_cache else None
-    pending = tokens
-    for _ in range(min(max_new_tokens, room)):
-        window = pending if use_cache else tokens
-        logits = model(mx.array(window)[None], cache=cache)[:, -1, :]
-        key, subkey = mx.random.split(key)
-        token = sample(logits.astype(mx.float32), temperature, subkey).item()
+    start = [eos_id if eos_id is not None else 0]
+    tokens = fit_prompt(prompt, context, reserve) or start
+    s = sampling or Sampling(temperature=temperature, seed=seed)
+    n_new = min(max_new_tokens, context - len(tokens))
+    cache = make_cache(model) if use_cache else None
+    steps = generate_step(model, mx.array([tokens]), s, cache, None, n_new, stats)
+    for y in steps:
+        token = y.item()
         if token == eos_id:
             return
         yield token
-        tokens.append(token)
-        pending = [token]

@@ -7,7 +7,7 @@ tied to the token embedding. No biases. Module names follow Hugging Face Llama
 that weight export is a dictionary lookup.
 
 Attention talks to a KV cache only through `cache.offset` and
-`cache.update_and_fetch(k, v)` (the interface of `mlx_lm.models.cache.KVCache`).
+`cache.update_and_fetch(k, v)` (`KVCache` below; mlx-lm's caches fit as well).
 """
 
 from __future__ import annotations
@@ -160,11 +160,46 @@ class Model(nn.Module):
     def num_params(self) -> int:
         return sum(v.size for _, v in tree_flatten(self.parameters()))
 
-    def make_cache(self) -> list:
-        """A fresh KV cache per layer (mlx-lm's growing KVCache)."""
-        from mlx_lm.models.cache import KVCache
+    def make_cache(self, step: int = 256) -> list[KVCache]:
+        """A fresh KV cache per layer, growing in blocks of `step` positions."""
+        return [KVCache(step) for _ in self.model.layers]
 
-        return [KVCache() for _ in self.model.layers]
+
+class KVCache:
+    """Keys and values of one attention layer, (B, kv_heads, T, head_dim).
+
+    Storage grows in blocks of `step` positions (set `step` to the context to
+    allocate once); `offset` counts the filled positions. Same interface as
+    mlx-lm's KVCache (`offset`, `update_and_fetch`, `trim`), without importing
+    mlx-lm (whose package import pulls in transformers and torch)."""
+
+    def __init__(self, step: int = 256):
+        self.keys: mx.array | None = None
+        self.values: mx.array | None = None
+        self.offset = 0
+        self.step = step
+
+    def update_and_fetch(self, k: mx.array, v: mx.array) -> tuple[mx.array, mx.array]:
+        B, H, L, D = k.shape
+        end = self.offset + L
+        if self.keys is None or end > self.keys.shape[2]:
+            size = self.step * -(-end // self.step)  # round up to whole blocks
+            keys = mx.zeros((B, H, size, D), k.dtype)
+            values = mx.zeros((B, H, size, v.shape[3]), v.dtype)
+            if self.keys is not None:
+                keys[..., : self.offset, :] = self.keys[..., : self.offset, :]
+                values[..., : self.offset, :] = self.values[..., : self.offset, :]
+            self.keys, self.values = keys, values
+        self.keys[..., self.offset : end, :] = k
+        self.values[..., self.offset : end, :] = v
+        self.offset = end
+        return self.keys[..., :end, :], self.values[..., :end, :]
+
+    def trim(self, n: int) -> int:
+        """Forget the last `n` positions; returns how many were dropped."""
+        n = min(self.offset, n)
+        self.offset -= n
+        return n
 
 
 def estimate_training_memory(

@@ -1,4 +1,5 @@
-"""SentencePiece tokenizer: training for an exact round trip, and a thin wrapper.
+"""SentencePiece tokenizer: the wrapper, the special ids, and the CLI (`train`,
+`encode`, `decode`, `stats`); training itself is in `src.tokenizer_train`.
 
 `decode(encode(s)) == s` for any str that is valid Unicode, because training uses
 - byte_fallback: a character missing from the vocab becomes its UTF-8 byte pieces,
@@ -9,16 +10,6 @@ sentencepiece trains on lines, so no piece contains "\\n": a newline is the byte
 piece <0x0A>. It also writes spaces as U+2581 "▁" and decodes every "▁" piece back
 to a space, so a literal "▁" in the text would come back as " ": the wrapper
 encodes it as its three byte pieces, which decode to "▁" again.
-
-Line sampling (--max-sentences) is done here with a seeded reservoir:
-sentencepiece's own input_sentence_size sampling uses a fixed internal seed, and
-`set_random_generator_seed` only takes effect for the first training in a
-process. With input_sentence_size=0 its training is deterministic.
-
-character_coverage defaults to 0.9995, not 1.0: with byte fallback no character is
-ever lost, so coverage only decides which rare characters get a vocab slot of their
-own. 1.0 would spend slots of a small vocab on every stray emoji or CJK character
-(and can exceed a small --vocab-size on noisy text); those cost 2-4 byte tokens.
 This module imports neither MLX nor torch.
 """
 
@@ -26,20 +17,15 @@ from __future__ import annotations
 
 import argparse
 import hashlib
-import io
-import json
 import os
-import random
-import re
 import sys
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
 import sentencepiece as spm
-from tqdm import tqdm
 
-from .data import DOC_DELIMITER, expand_inputs, iter_lines
-from .tokens import DataError, atomic_file
+from .corpus import DEFAULT_TEXT_FIELD, FOLDER_SUFFIXES, HubSource, expand_inputs
+from .tokens import DataError
 
 # Special tokens; the id of each is its index. pad, unk, bos, eos come first.
 SPECIAL_TOKENS = ("<pad>", "<unk>", "<s>", "</s>")
@@ -53,6 +39,7 @@ DEFAULT_COVERAGE = 0.9995
 DEFAULT_MAX_SENTENCES = 1_000_000
 MAX_LINE_CHARS = 8192  # longer lines are cut; sentencepiece would skip them
 WS = "\u2581"  # sentencepiece's whitespace marker
+DEFAULT_HUB_DOCS = 200_000  # rows of a hub dataset read to train a tokenizer
 
 
 class TokenizerError(ValueError):
@@ -69,8 +56,9 @@ class Tokenizer:
         self._ws_ids = [sp.piece_to_id(f"<0x{b:02X}>") for b in WS.encode()]
 
     @classmethod
-    def load(cls, path: str | Path) -> Tokenizer:
-        """Load from a folder holding tokenizer.model, or from the .model file."""
+    def load(cls, path: str | Path, threads: int | None = None) -> Tokenizer:
+        """Load from a folder holding tokenizer.model, or from the .model file;
+        `encode_batch` uses `threads` threads (default: every core)."""
         path = Path(path)
         model = path / MODEL_FILE if path.is_dir() else path
         if not model.is_file():
@@ -91,7 +79,9 @@ class Tokenizer:
                 f"{model}: not trained by src.tokenizer (pad/unk/bos/eos ids {ids}, "
                 "or no byte fallback)"
             )
-        return cls(sp, hashlib.sha256(data).hexdigest(), model.parent)
+        tok = cls(sp, hashlib.sha256(data).hexdigest(), model.parent)
+        tok._threads = threads or tok._threads
+        return tok
 
     @property
     def vocab_size(self) -> int:
@@ -137,166 +127,11 @@ class Tokenizer:
         return self._sp.id_to_piece(i)
 
 
-# ---------------------------------------------------------------------- training
+def train_tokenizer(*args, **kwargs) -> Tokenizer:
+    """`src.tokenizer_train.train_tokenizer` (kept here for callers and tests)."""
+    from .tokenizer_train import train_tokenizer as train
 
-
-def _sample_lines(paths: list[Path], max_sentences: int, seed: int):
-    """Read every line once (checking the files), keep a seeded uniform sample of
-    at most max_sentences; return (sample, corpus description)."""
-    rng = random.Random(seed)
-    sample: list[str] = []
-    seen, has_text, files = 0, False, []
-    total = sum(p.stat().st_size for p in paths)
-    with tqdm(total=total, unit="B", unit_scale=True, desc="read corpus") as bar:
-        for path in paths:
-            for line, nbytes in iter_lines(path):
-                bar.update(nbytes)
-                if not line or line.strip() == DOC_DELIMITER:
-                    continue
-                has_text = has_text or not line.isspace()
-                for start in range(0, len(line), MAX_LINE_CHARS):
-                    seen += 1
-                    piece = line[start : start + MAX_LINE_CHARS]
-                    if len(sample) < max_sentences:
-                        sample.append(piece)
-                    elif (j := rng.randrange(seen)) < max_sentences:
-                        sample[j] = piece  # reservoir sampling (Algorithm R)
-            files.append({"path": str(path), "bytes": path.stat().st_size})
-    names = ", ".join(str(p) for p in paths[:3]) + (" ..." if len(paths) > 3 else "")
-    if not seen:
-        raise TokenizerError(f"the corpus is empty: no text lines in {names}")
-    if not has_text:
-        raise TokenizerError(f"the corpus holds only whitespace: {names}")
-    corpus = {"files": files, "bytes": total, "lines": seen, "sampled": len(sample)}
-    return sample, corpus
-
-
-def _explain(message: str, vocab_size: int, coverage: float) -> str:
-    """Turn sentencepiece's internal errors into advice in user terms."""
-    if m := re.search(r"smaller than required_chars\. \d+ vs (\d+)", message):
-        need, chars = int(m[1]), int(m[1]) - MIN_VOCAB + 1
-        return (
-            f"--vocab-size {vocab_size} is too small for this corpus: it needs at "
-            f"least {need} ({MIN_VOCAB - 1} special and byte pieces + {chars} "
-            f"characters at --character-coverage {coverage}); raise --vocab-size "
-            "or lower --character-coverage"
-        )
-    if m := re.search(r"[Vv]ocabulary size (?:is )?too high.*?<=\s*(\d+)", message):
-        return (
-            f"--vocab-size {vocab_size} is too large for this corpus: it supports at "
-            f"most {m[1]} pieces; use --vocab-size {m[1]} or less, or a larger corpus"
-        )
-    return f"sentencepiece failed: {message.strip()}"
-
-
-def train_tokenizer(
-    inputs: Sequence[str | Path],
-    output: str | Path,
-    vocab_size: int,
-    model_type: str = "bpe",
-    max_sentences: int = DEFAULT_MAX_SENTENCES,
-    seed: int = 0,
-    character_coverage: float = DEFAULT_COVERAGE,
-) -> Tokenizer:
-    """Train on text files (each line is a sentence; `<|endoftext|>` lines are
-    skipped) and write output/tokenizer.model and output/tokenizer.json."""
-    if vocab_size < MIN_VOCAB:
-        raise TokenizerError(
-            f"--vocab-size {vocab_size} is too small: the minimum is {MIN_VOCAB} "
-            f"({len(SPECIAL_TOKENS) + len(CHAT_MARKERS)} special tokens + "
-            f"{N_BYTE_PIECES} byte pieces + the corpus's characters)"
-        )
-    if model_type not in MODEL_TYPES:
-        raise TokenizerError(
-            f"model type must be one of {MODEL_TYPES}, got {model_type!r}"
-        )
-    if not 0.0 < character_coverage <= 1.0 or max_sentences < 1 or seed < 0:
-        raise TokenizerError(
-            "need 0 < character_coverage <= 1, max_sentences >= 1, seed >= 0"
-        )
-    out = Path(output)
-    if out.exists() and not out.is_dir():
-        raise TokenizerError(f"{out}: exists and is not a folder")
-    sample, corpus = _sample_lines(expand_inputs(inputs), max_sentences, seed)
-    print(f"training {model_type} on {len(sample)} lines...", file=sys.stderr)
-    writer = io.BytesIO()
-    try:
-        spm.SentencePieceTrainer.train(
-            sentence_iterator=iter(sample),
-            model_writer=writer,
-            model_type=model_type,
-            vocab_size=vocab_size,
-            character_coverage=character_coverage,
-            byte_fallback=True,
-            normalization_rule_name="identity",
-            remove_extra_whitespaces=False,
-            add_dummy_prefix=False,
-            allow_whitespace_only_pieces=True,  # e.g. indentation as one piece
-            split_digits=True,  # numbers digit by digit: helps small models
-            max_sentence_length=4 * MAX_LINE_CHARS,  # bytes
-            input_sentence_size=0,  # sampled above, with our seed
-            pad_id=PAD_ID,
-            unk_id=UNK_ID,
-            bos_id=BOS_ID,
-            eos_id=EOS_ID,
-            pad_piece=SPECIAL_TOKENS[PAD_ID],
-            unk_piece=SPECIAL_TOKENS[UNK_ID],
-            bos_piece=SPECIAL_TOKENS[BOS_ID],
-            eos_piece=SPECIAL_TOKENS[EOS_ID],
-            user_defined_symbols=list(CHAT_MARKERS),
-            num_threads=os.cpu_count() or 1,
-            minloglevel=2,  # errors only; they come back as RuntimeError
-        )
-    except RuntimeError as e:
-        raise TokenizerError(_explain(str(e), vocab_size, character_coverage)) from None
-    model = writer.getvalue()
-    meta = {
-        "sentencepiece_version": spm.__version__,
-        "model_type": model_type,
-        "vocab_size": vocab_size,
-        "sha256": hashlib.sha256(model).hexdigest(),
-        "special_tokens": {t: i for i, t in enumerate(SPECIAL_TOKENS + CHAT_MARKERS)},
-        "pad_id": PAD_ID,
-        "unk_id": UNK_ID,
-        "bos_id": BOS_ID,
-        "eos_id": EOS_ID,
-        "byte_fallback": True,
-        "normalization": "identity",
-        "character_coverage": character_coverage,
-        "seed": seed,
-        "max_sentences": max_sentences,
-        "corpus": corpus,
-    }
-    with atomic_file(out / MODEL_FILE) as f:
-        f.write(model)
-    with atomic_file(out / META_FILE, "w") as f:
-        json.dump(meta, f, indent=2)
-    return Tokenizer.load(out)
-
-
-def _line_chunks(f, n: int) -> list[bytes]:
-    return [b"".join(f.readlines(1 << 20)) for _ in range(n)]  # whole lines, ~1 MiB
-
-
-def count_tokens(tok: Tokenizer, paths: list[Path]) -> list[tuple[Path, int, int]]:
-    """(path, tokens, bytes) of each file, encoded in chunks of whole lines. No
-    piece holds a newline, so for BPE this equals encoding the file in one go (a
-    unigram Viterbi may break rare float ties differently, same count or +-1)."""
-    rows = []
-    total = sum(p.stat().st_size for p in paths)
-    with tqdm(total=total, unit="B", unit_scale=True, desc="encode") as bar:
-        for path in paths:
-            n = 0
-            with open(path, "rb") as f:
-                while chunks := [c for c in _line_chunks(f, 16) if c]:
-                    try:
-                        texts = [c.decode("utf-8") for c in chunks]
-                    except UnicodeDecodeError:
-                        raise TokenizerError(f"{path}: not UTF-8 text") from None
-                    n += sum(map(len, tok.encode_batch(texts)))
-                    bar.update(sum(map(len, chunks)))
-            rows.append((path, n, path.stat().st_size))
-    return rows
+    return train(*args, **kwargs)
 
 
 # --------------------------------------------------------------------------- CLI
@@ -328,15 +163,35 @@ def build_parser() -> argparse.ArgumentParser:
         "train",
         help="train a tokenizer on text files",
         description="Train on .txt files (one sentence per line; <|endoftext|> "
-        "lines are skipped) and write DIR/tokenizer.model and DIR/tokenizer.json.",
+        "lines are skipped) or .jsonl/.json/.parquet files (the lines of each "
+        "row's --text-field) and write DIR/tokenizer.model and DIR/tokenizer.json.",
     )
     add = tr.add_argument
-    add(
+    src = tr.add_mutually_exclusive_group(required=True)
+    src.add_argument(
         "--input",
         nargs="+",
-        required=True,
         metavar="PATH",
-        help=".txt files, folders (every *.txt below) or globs",
+        help="files, folders (every .txt, .jsonl and .parquet file below) or globs",
+    )
+    src.add_argument(
+        "--hf-dataset", metavar="NAME", help="a Hugging Face hub dataset (network)"
+    )
+    add("--hf-config", metavar="C", help="hub dataset config, e.g. sample-10BT")
+    add("--hf-split", default="train", metavar="S", help="hub split (default train)")
+    add(
+        "--max-docs",
+        type=_positive_int,
+        default=DEFAULT_HUB_DOCS,
+        metavar="N",
+        help=f"read the first N rows of a hub dataset (default {DEFAULT_HUB_DOCS})",
+    )
+    add(
+        "--text-field",
+        default=DEFAULT_TEXT_FIELD,
+        metavar="NAME",
+        help=f"field of jsonl/parquet rows holding the text (default "
+        f"{DEFAULT_TEXT_FIELD})",
     )
     add("--output", required=True, metavar="DIR", help="folder to write")
     add(
@@ -375,7 +230,14 @@ def build_parser() -> argparse.ArgumentParser:
     dec.add_argument("--ids", type=int, nargs="+", required=True, metavar="ID")
     st = sub.add_parser("stats", help="tokens, bytes and bytes per token of files")
     st.add_argument("--tokenizer", required=True, metavar="DIR", help=tok_help)
-    st.add_argument("--input", nargs="+", required=True, metavar="PATH", help="files")
+    st.add_argument(
+        "--input",
+        nargs="+",
+        required=True,
+        metavar="PATH",
+        help=".txt (the whole file), .jsonl/.json/.parquet (the texts) files",
+    )
+    st.add_argument("--text-field", default=DEFAULT_TEXT_FIELD, metavar="NAME")
     return p
 
 
@@ -386,9 +248,19 @@ def main(argv: Sequence[str] | None = None) -> int:
         return e.code if isinstance(e.code, int) else 2
     try:
         if args.command == "train":
-            opts = (args.model_type, args.max_sentences, args.seed)
+            source = args.input
+            if args.hf_dataset:
+                source = HubSource(args.hf_dataset, args.hf_config, args.hf_split)
             tok = train_tokenizer(
-                args.input, args.output, args.vocab_size, *opts, args.character_coverage
+                source,
+                args.output,
+                args.vocab_size,
+                model_type=args.model_type,
+                max_sentences=args.max_sentences,
+                seed=args.seed,
+                character_coverage=args.character_coverage,
+                text_field=args.text_field,
+                max_docs=args.max_docs if args.hf_dataset else None,
             )
             sha = tok.sha256[:12]
             print(
@@ -402,7 +274,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         elif args.command == "decode":
             print(tok.decode(args.ids))
         else:
-            rows = count_tokens(tok, expand_inputs(args.input))
+            from .tokenizer_train import count_tokens
+
+            paths = expand_inputs(args.input, FOLDER_SUFFIXES)
+            rows = count_tokens(tok, paths, args.text_field)
             rows.append(("total", sum(r[1] for r in rows), sum(r[2] for r in rows)))
             for name, n, size in rows:
                 ratio = f"{size / n:.3f}" if n else "n/a"

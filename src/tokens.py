@@ -19,11 +19,16 @@ is (batch_size, context_length + 1) int32 windows (inputs w[:-1], targets w[1:])
 starting at offsets drawn from `np.random.default_rng([seed, step])`: a pure function
 of (seed, step), so a run's data position is just its step (exact resume).
 Validation windows are fixed, non-overlapping and in file order.
+
+`prepare` writes a meta.json sidecar beside the token files (document counts,
+tokenizer sha256, source). When it is there the loader checks it too: its token
+count must match the header, and with `tokenizer_sha256` given, the tokenizer.
 """
 
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import secrets
 import struct
@@ -40,6 +45,7 @@ HEADER = struct.Struct("<8sIIQII")  # magic, version, itemsize, n_tokens, vocab,
 HEADER_SIZE = HEADER.size  # 32
 DTYPES = {2: np.dtype("<u2"), 4: np.dtype("<u4")}
 SCAN_CHUNK = 4 * 1024 * 1024  # tokens per np.max when scanning for bad ids
+SIDECAR = "meta.json"
 
 
 class DataError(ValueError):
@@ -190,17 +196,64 @@ def validate_token_file(
     return h
 
 
+def check_sidecar(
+    path: str | Path, header: TokenFileHeader, tokenizer_sha256: str | None = None
+) -> dict | None:
+    """Check the meta.json beside a token file, if any, against its header and the
+    model's tokenizer; return that file's entry (None without a sidecar)."""
+    path = Path(path)
+    side = path.parent / SIDECAR
+    if not side.is_file():
+        return None
+    try:
+        meta = json.loads(side.read_text(encoding="utf-8"))
+    except (ValueError, UnicodeDecodeError) as e:
+        raise DataError(f"{side}: damaged ({e}); re-run prepare") from None
+    entries = meta.get("splits", {}) if isinstance(meta, dict) else {}
+    entry = next(
+        (
+            e
+            for e in entries.values()
+            if isinstance(e, dict) and e.get("file") == path.name
+        ),
+        None,
+    )
+    if entry is None:
+        return None  # a sidecar that does not describe this file
+    if entry.get("n_tokens") != header.n_tokens:
+        raise DataError(
+            f"{path}: header holds {header.n_tokens} tokens but {side} says "
+            f"{entry.get('n_tokens')} (files from different runs?)"
+        )
+    want = (meta.get("tokenizer") or {}).get("sha256")
+    if tokenizer_sha256 is not None and want is not None and want != tokenizer_sha256:
+        raise DataError(
+            f"{path}: made with tokenizer sha256 {want[:12]}..., but the model uses "
+            f"{tokenizer_sha256[:12]}... (re-run prepare with the model's tokenizer)"
+        )
+    return entry
+
+
 class TokenLoader:
     """Random training windows and fixed validation windows of a token file.
 
     A window is context_length + 1 tokens: inputs w[:-1], targets w[1:].
+    tokenizer_sha256: when given, a meta.json sidecar naming another tokenizer is
+    refused.
     """
 
-    def __init__(self, path: str | Path, context_length: int, vocab_size: int):
+    def __init__(
+        self,
+        path: str | Path,
+        context_length: int,
+        vocab_size: int,
+        tokenizer_sha256: str | None = None,
+    ):
         if context_length < 1:
             raise ValueError(f"context_length must be >= 1, got {context_length}")
         self.path, self.context_length = Path(path), context_length
         self.header = validate_token_file(self.path, vocab_size, context_length)
+        self.meta = check_sidecar(self.path, self.header, tokenizer_sha256)
 
     @property
     def n_tokens(self) -> int:

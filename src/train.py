@@ -119,10 +119,13 @@ class Trainer:
         if self.resume_path is not None:
             meta = ckpt.read_meta(self.resume_path)
             check_resume_compatible(meta, cfg, self.tokenizer.sha256)
+        sha = self.tokenizer.sha256  # token files made with another tokenizer: refused
         self.train_data = TokenLoader(
-            cfg.data.train_path, m.context_length, m.vocab_size
+            cfg.data.train_path, m.context_length, m.vocab_size, sha
         )
-        self.val_data = TokenLoader(cfg.data.val_path, m.context_length, m.vocab_size)
+        self.val_data = TokenLoader(
+            cfg.data.val_path, m.context_length, m.vocab_size, sha
+        )
         self.log = RunLog(self.log_dir, cfg.logging.progress_bar)
         self.stop = StopSignal()
         self.tokens_per_step = t.batch_size * t.grad_accum_steps * m.context_length
@@ -161,7 +164,13 @@ class Trainer:
             try:
                 self.model.load_weights(list(weights.items()), strict=True)
                 params = self.model.trainable_parameters()
-                load_optimizer_state(self.optimizer, opt_state, params)
+                if opt_state:
+                    load_optimizer_state(self.optimizer, opt_state, params)
+                else:  # e.g. a checkpoint imported with `src.convert --from hf`
+                    self.log.warn(
+                        f"{self.resume_path} has no optimizer state; "
+                        "AdamW starts from zero moments"
+                    )
             except ValueError as exc:
                 raise ckpt.CheckpointError(f"{self.resume_path}: {exc}") from None
             start = int(meta["step"])

@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from src import corpus as C
 from src import data as D
 from src import tokens as T
 from src.tokenizer import Tokenizer, train_tokenizer
@@ -174,6 +175,65 @@ def test_val_batches_cover_non_overlapping_windows(token_file):
     assert sum(len(b) for b in loader.val_batches(4, max_tokens=CTX * 5)) == 5
 
 
+def test_resume_continues_the_same_stream(token_file):
+    """A restarted run (a new loader) from step k reads exactly the batches the
+    uninterrupted run read from step k on: the cursor is (seed, step)."""
+    first = TokenLoader(token_file, CTX, VOCAB)
+    straight = [first.batch(7, step, 4) for step in range(12)]
+    del first
+    again = TokenLoader(token_file, CTX, VOCAB)
+    resumed = [again.batch(7, step, 4) for step in range(5, 12)]
+    for a, b in zip(straight[5:], resumed, strict=True):
+        np.testing.assert_array_equal(a, b)
+
+
+def _rss_file_bytes() -> int:
+    """Resident file-backed memory (memory-mapped pages) of this process."""
+    with open("/proc/self/status") as f:
+        line = next(x for x in f if x.startswith("RssFile:"))
+    return int(line.split()[1]) * 1024
+
+
+@pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="needs /proc")
+def test_rss_does_not_grow_with_batches(tmp_path):
+    # 16M uint16 tokens = 32 MiB; 600 batches of 64 random windows touch most of
+    # its pages, which a long-lived memmap would keep resident.
+    path = tmp_path / "big.bin"
+    write_tokens(path, np.arange(16 * 2**20, dtype=np.uint32) % VOCAB, VOCAB)
+    loader = TokenLoader(path, CTX, VOCAB)
+    before = _rss_file_bytes()
+    for step in range(600):
+        loader.batch(0, step, 64)
+    grown = (_rss_file_bytes() - before) / 2**20
+    assert grown < 8, f"RSS grew by {grown:.1f} MiB over 600 batches"
+
+
+def _sidecar(path: Path, n_tokens: int, sha: str = "a" * 64) -> Path:
+    meta = {
+        "tokenizer": {"sha256": sha, "vocab_size": VOCAB},
+        "splits": {"train": {"file": path.name, "n_tokens": n_tokens}},
+    }
+    (path.parent / "meta.json").write_text(json.dumps(meta))
+    return path.parent / "meta.json"
+
+
+def test_sidecar_is_checked(token_file):
+    _sidecar(token_file, 500)
+    assert TokenLoader(token_file, CTX, VOCAB, tokenizer_sha256="a" * 64).meta
+    assert TokenLoader(token_file, CTX, VOCAB).meta["n_tokens"] == 500
+    with pytest.raises(DataError, match="made with tokenizer sha256 aaaa") as err:
+        TokenLoader(token_file, CTX, VOCAB, tokenizer_sha256="b" * 64)
+    assert str(token_file) in str(err.value)
+    _sidecar(token_file, 499)
+    with pytest.raises(DataError, match="header holds 500 tokens but .* says 499"):
+        TokenLoader(token_file, CTX, VOCAB)
+    (token_file.parent / "meta.json").write_text("{not json")
+    with pytest.raises(DataError, match="meta.json: damaged"):
+        TokenLoader(token_file, CTX, VOCAB)
+    (token_file.parent / "meta.json").write_text('{"other": "tool"}')
+    assert TokenLoader(token_file, CTX, VOCAB).meta is None
+
+
 # ---------------------------------------------------------------------- prepare
 
 
@@ -307,6 +367,49 @@ def test_max_docs(capsys, tmp_path, stories, tok_dir):
     assert splits["train"]["docs"] + splits["val"]["docs"] == 40
 
 
+def reference_documents(text: str, delimiter: str) -> list[str]:
+    """The slow, obvious reading of the delimiter rules, line by line."""
+    lines = text.removeprefix("\ufeff").replace("\r\n", "\n").split("\n")
+    docs, current = [], []
+    for line in lines:
+        s = line.strip()
+        if (
+            delimiter == "blank"
+            and not s
+            or delimiter not in ("blank", "none")
+            and (s == delimiter)
+        ):
+            docs.append("\n".join(current).strip())
+            current = []
+        else:
+            current.append(line)
+    docs.append("\n".join(current).strip())
+    if delimiter == "blank":
+        return [d for d in docs if d]
+    while docs and not docs[-1]:  # nothing after the last delimiter is no document
+        docs.pop()
+    return docs
+
+
+@pytest.mark.parametrize("chunk", [1, 5, 1 << 20])
+def test_documents_match_the_line_by_line_reference(tmp_path, chunk, monkeypatch):
+    monkeypatch.setattr(C.iter_text_chunks, "__defaults__", (chunk,))
+    rng = random.Random(chunk)
+    pieces = ["a b", "###", " ### ", "", "  ", "c\r", "\ufeffd", "x###", "é ü 😀"]
+    for i in range(300):
+        text = "\n".join(rng.choice(pieces) for _ in range(rng.randrange(12)))
+        text += rng.choice(["", "\n", "\r\n"])
+        path = tmp_path / f"{i}.txt"
+        path.write_bytes(text.encode())
+        for delimiter in ("###", "blank", "none"):
+            got = list(D.iter_documents(path, delimiter))
+            docs = [d for d, _ in got if d or delimiter != "blank"]
+            while docs and not docs[-1]:  # a trailing "" may carry the last bytes
+                docs.pop()
+            assert docs == reference_documents(text, delimiter), (delimiter, text)
+            assert sum(n for _, n in got) == len(text.encode()), repr(text)
+
+
 # ---------------------------------------------------------------- corpus finding
 
 
@@ -327,7 +430,7 @@ def test_expand_inputs(tmp_path):
 
 def test_find_corpus(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    monkeypatch.setattr(D, "__file__", str(tmp_path / "repo" / "src" / "data.py"))
+    monkeypatch.setattr(C, "__file__", str(tmp_path / "repo" / "src" / "corpus.py"))
     with pytest.raises(DataError, match="--data PATH.*src.data download"):
         D.find_corpus()
     raw = tmp_path / "data" / "raw"

@@ -235,3 +235,77 @@ def test_cli_errors(capsys, tok_dir, tmp_path):
     )
     assert code == 2 and "error:" in err and str(tmp_path / "none") in err
     assert run(capsys, "--help")[0] == 0
+
+
+def test_train_on_jsonl_and_parquet_equals_txt(corpus, tmp_path, capsys):
+    """Rows of a jsonl or parquet file train the same model as the same stories in
+    a .txt file; a missing --text-field is a clear error naming the file."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    stories = [s.strip() for s in corpus.read_text().split("<|endoftext|>\n")]
+    stories = [s for s in stories if s][:150]
+    txt = tmp_path / "c.txt"
+    txt.write_text("".join(f"{s}\n<|endoftext|>\n" for s in stories))
+    jsonl = tmp_path / "c.jsonl"
+    jsonl.write_text("".join(json.dumps({"story": s}) + "\n" for s in stories))
+    parquet = tmp_path / "c.parquet"
+    pq.write_table(pa.table({"story": stories}), parquet)
+    models = []
+    for path in (txt, jsonl, parquet):
+        out = tmp_path / path.suffix[1:]
+        argv = ["train", "--input", path, "--output", out, "--vocab-size", 400]
+        code, _, err = run(capsys, *argv, "--text-field", "story")
+        assert code == 0, err
+        models.append((out / "tokenizer.model").read_bytes())
+    assert models[0] == models[1] == models[2]
+    code, out, err = run(
+        capsys,
+        "stats",
+        "--tokenizer",
+        tmp_path / "txt",
+        "--input",
+        jsonl,
+        parquet,
+        "--text-field",
+        "story",
+    )
+    n = sum(len(Tokenizer.load(tmp_path / "txt").encode(s)) for s in stories)
+    assert code == 0 and out.count(f": {n} tokens, ") == 2, err
+    argv = ["train", "--input", jsonl, "--output", tmp_path / "x", "--vocab-size", 400]
+    code, _, err = run(capsys, *argv)
+    assert code == 2 and "no field 'text'" in err and str(jsonl) in err
+
+
+def test_train_on_a_hub_dataset_offline(corpus, tmp_path, capsys, monkeypatch):
+    """--hf-dataset streams through datasets.load_dataset; here it is pointed at a
+    local jsonl file (the same streaming code path), and --max-docs caps the rows."""
+    import datasets
+
+    stories = [s.strip() for s in corpus.read_text().split("<|endoftext|>\n")]
+    stories = [s for s in stories if s][:120]
+    jsonl = tmp_path / "rows.jsonl"
+    jsonl.write_text("".join(json.dumps({"text": s}) + "\n" for s in stories))
+    real, calls = datasets.load_dataset, []
+
+    def fake_hub(name, config=None, split=None, streaming=False):
+        calls.append((name, config, split, streaming))
+        return real("json", data_files=[str(jsonl)], split="train", streaming=True)
+
+    monkeypatch.setattr(datasets, "load_dataset", fake_hub)
+    argv = ["train", "--hf-dataset", "roneneldan/TinyStories", "--max-docs", "100"]
+    code, _, err = run(capsys, *argv, "--output", tmp_path / "hub", "--vocab-size", 400)
+    assert code == 0, err
+    assert calls == [("roneneldan/TinyStories", None, "train", True)]
+    monkeypatch.undo()
+    jsonl.write_text("".join(json.dumps({"text": s}) + "\n" for s in stories[:100]))
+    argv = ["train", "--input", jsonl, "--output", tmp_path / "local"]
+    assert run(capsys, *argv, "--vocab-size", 400)[0] == 0
+    hub, local = (
+        (tmp_path / d / "tokenizer.model").read_bytes() for d in ("hub", "local")
+    )
+    assert hub == local, "the first 100 rows, exactly as from a local file"
+    meta = json.loads((tmp_path / "hub" / "tokenizer.json").read_text())
+    assert meta["corpus"]["files"] == [
+        {"hf_dataset": "roneneldan/TinyStories", "config": None, "split": "train"}
+    ]

@@ -1,0 +1,180 @@
+"""Sampling knobs, in one place: the options, their defaults and checks, and the
+functions they become.
+
+`Sampling` is what every mode (one-shot, batch, REPL, the trainer's samples)
+passes around; `make_sampler` and `make_processors` turn it into behaviour. The
+final draw uses a key of the generation's own, so a generation is reproducible
+from its seed without disturbing the trainer's random stream. top-k >= vocab
+means "no top-k".
+
+The filters and penalties are written here rather than taken from
+`mlx_lm.sample_utils`: importing anything from mlx-lm runs its package
+`__init__`, which imports transformers and, where installed, torch (~3 s and
+hundreds of MB on the MLX path, including the trainer's samples).
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+from collections.abc import Callable
+from dataclasses import dataclass, field, fields
+
+import mlx.core as mx
+
+Sampler = Callable[[mx.array, mx.array], mx.array]  # (logits (B, V), key) -> (B,)
+Processor = Callable[[mx.array, mx.array], mx.array]  # (history, logits) -> logits
+_NEG_INF = -float("inf")
+
+
+def top_k(logprobs: mx.array, k: int) -> mx.array:
+    """Keep exactly the k likeliest tokens of each row."""
+    drop = mx.argpartition(-logprobs, kth=k - 1, axis=-1)[..., k:]
+    return mx.put_along_axis(
+        logprobs, drop, mx.array(_NEG_INF, logprobs.dtype), axis=-1
+    )
+
+
+def top_p(logprobs: mx.array, p: float) -> mx.array:
+    """Keep the smallest set of likeliest tokens whose probability mass is >= p."""
+    order = mx.argsort(-logprobs, axis=-1)
+    probs = mx.exp(mx.take_along_axis(logprobs, order, axis=-1))
+    keep_sorted = (mx.cumsum(probs, axis=-1) - probs) < p  # mass before it < p
+    keep = mx.put_along_axis(
+        mx.zeros(logprobs.shape, mx.bool_), order, keep_sorted, axis=-1
+    )
+    return mx.where(keep, logprobs, _NEG_INF)
+
+
+def min_p(logprobs: mx.array, m: float) -> mx.array:
+    """Keep tokens with probability >= m * (probability of the likeliest)."""
+    floor = mx.max(logprobs, axis=-1, keepdims=True) + math.log(m)
+    return mx.where(logprobs >= floor, logprobs, _NEG_INF)
+
+
+@dataclass
+class Sampling:
+    """Generation options; the defaults are the same in every mode."""
+
+    temperature: float = 0.8  # 0 = greedy
+    top_k: int = 0  # 0 (or >= vocab) = off
+    top_p: float = 1.0  # 1 = off
+    min_p: float = 0.0  # 0 = off
+    repetition_penalty: float = 1.0  # 1 = off; > 1 discourages repeats
+    repetition_window: int = 64  # how many recent tokens the penalties look at
+    frequency_penalty: float = 0.0
+    presence_penalty: float = 0.0
+    seed: int = 0
+    max_tokens: int = 200
+    stop: list[str] = field(default_factory=list)  # stop strings (not in output)
+
+    def check(self) -> Sampling:
+        """Raise ValueError naming the first option out of range."""
+        rules = [
+            ("temperature", self.temperature >= 0, ">= 0"),
+            ("top_k", self.top_k >= 0, ">= 0"),
+            ("top_p", 0 < self.top_p <= 1, "in (0, 1]"),
+            ("min_p", 0 <= self.min_p < 1, "in [0, 1)"),
+            ("repetition_penalty", self.repetition_penalty > 0, "> 0"),
+            ("repetition_window", self.repetition_window >= 1, ">= 1"),
+            ("max_tokens", self.max_tokens >= 0, ">= 0"),
+            ("seed", 0 <= self.seed < 2**63, "in [0, 2**63)"),
+        ]
+        for name, ok, rule in rules:
+            if not ok:
+                raise ValueError(f"{name} must be {rule}, got {getattr(self, name)}")
+        return self
+
+
+def make_sampler(s: Sampling, vocab_size: int) -> Sampler:
+    """(logits (B, V), key) -> token ids (B,): argmax when temperature is 0, else
+    normalize, apply the filters, then one keyed draw."""
+    if s.temperature == 0:
+        return lambda logits, key: mx.argmax(logits, axis=-1)
+    filters = []
+    if s.top_p < 1:
+        filters.append(lambda x: top_p(x, s.top_p))
+    if s.min_p > 0:
+        filters.append(lambda x: min_p(x, s.min_p))
+    if 0 < s.top_k < vocab_size:
+        filters.append(lambda x: top_k(x, s.top_k))
+    inv_temp = 1.0 / s.temperature
+
+    def sampler(logits: mx.array, key: mx.array) -> mx.array:
+        logprobs = logits - mx.logsumexp(logits, axis=-1, keepdims=True)
+        for f in filters:
+            logprobs = f(logprobs)
+        return mx.random.categorical(logprobs * inv_temp, key=key)
+
+    return sampler
+
+
+def make_processors(s: Sampling) -> list[Processor]:
+    """Penalties over the last `repetition_window` tokens (prompt included); each
+    takes one row's history (T,) and its logits (1, V)."""
+    w = s.repetition_window
+    procs: list[Processor] = []
+    if s.repetition_penalty != 1:
+
+        def repetition(history: mx.array, logits: mx.array) -> mx.array:
+            seen = history[-w:]  # sign-aware (CTRL): always toward "less likely"
+            x = logits[:, seen]
+            x = mx.where(x < 0, x * s.repetition_penalty, x / s.repetition_penalty)
+            logits[:, seen] = x
+            return logits
+
+        procs.append(repetition)
+    if s.presence_penalty:
+
+        def presence(history: mx.array, logits: mx.array) -> mx.array:
+            logits[:, history[-w:]] -= s.presence_penalty
+            return logits
+
+        procs.append(presence)
+    if s.frequency_penalty:
+
+        def frequency(history: mx.array, logits: mx.array) -> mx.array:
+            counts = mx.zeros((logits.shape[-1],), logits.dtype).at[history[-w:]].add(1)
+            return logits - s.frequency_penalty * counts
+
+        procs.append(frequency)
+    return procs
+
+
+# --------------------------------------------------------------------- CLI flags
+
+
+def add_sampling_args(p: argparse.ArgumentParser) -> None:
+    """The sampling flags, with `Sampling`'s defaults (shared by every mode)."""
+    d = Sampling()
+    g = p.add_argument_group("sampling (the same defaults in every mode)")
+    flags = [
+        ("--temperature", float, "X", "0 = greedy"),
+        ("--top-k", int, "N", "keep the N likeliest tokens; 0 = off"),
+        ("--top-p", float, "X", "keep the likeliest tokens holding mass X; 1 = off"),
+        ("--min-p", float, "X", "keep tokens with p >= X * p(top token); 0 = off"),
+        ("--repetition-penalty", float, "X", "divide recent tokens' logits by X"),
+        ("--repetition-window", int, "N", "recent tokens the penalties look at"),
+        ("--frequency-penalty", float, "X", "minus X per recent occurrence"),
+        ("--presence-penalty", float, "X", "minus X if it occurred recently"),
+        ("--seed", int, "N", "sampling seed"),
+        ("--max-tokens", int, "N", "new tokens per completion or reply"),
+    ]
+    for flag, kind, metavar, text in flags:
+        default = getattr(d, flag[2:].replace("-", "_"))
+        g.add_argument(
+            flag, type=kind, default=default, metavar=metavar,
+            help=f"{text} (default {default})",
+        )  # fmt: skip
+    g.add_argument(
+        "--stop",
+        action="append",
+        default=[],
+        metavar="TEXT",
+        help="end the completion before TEXT (repeatable)",
+    )
+
+
+def sampling_from_args(args: argparse.Namespace) -> Sampling:
+    """A checked `Sampling` from parsed flags (raises ValueError)."""
+    return Sampling(**{f.name: getattr(args, f.name) for f in fields(Sampling)}).check()

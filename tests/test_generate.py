@@ -1,0 +1,184 @@
+"""The generation engine: cached == uncached, determinism, seeds, each sampler on a
+hand-made distribution, penalties, V6 edge cases, batching, the text streamer."""
+
+import mlx.core as mx
+import numpy as np
+import pytest
+
+from src.config import ModelConfig
+from src.generate import generate_step, generate_tokens, make_cache, prefill
+from src.model import Model
+from src.sampling import Sampling, make_processors, make_sampler
+from src.textgen import TextStreamer
+
+
+def model_(**kw) -> Model:
+    mx.random.seed(kw.pop("seed", 0))
+    cfg = dict(vocab_size=97, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2)
+    return Model(ModelConfig(**{**cfg, "context_length": 32, **kw}))
+
+
+def diff(a, b) -> str:
+    d = np.abs(np.array(a, dtype=np.float32) - np.array(b, dtype=np.float32))
+    return f"max {d.max():.3g} mean {d.mean():.3g}"
+
+
+def run(model, prompt, s, cache=True, n=None) -> list[list[int]]:
+    c = make_cache(model) if cache else None
+    return [y.tolist() for y in generate_step(model, mx.array(prompt), s, c, None, n)]
+
+
+@pytest.mark.parametrize("chunk", [1, 3, 100])
+def test_cached_logits_equal_full_recompute(chunk):
+    model = model_(qk_norm=True)
+    seq = mx.array([[5, 17, 3, 44, 9, 60, 2, 81, 33, 7, 12, 90]])
+    full = model(seq)  # (1, 12, V): every position from scratch
+    cache = make_cache(model)
+    got = [prefill(model, seq[:, :7], cache, chunk)]
+    for t in range(7, seq.shape[1]):
+        got.append(model(seq[:, t : t + 1], cache=cache)[:, -1, :])
+    got = mx.stack(got, axis=1)
+    want = full[:, 6:, :]
+    assert mx.allclose(got, want, atol=2e-5), diff(got, want)
+    assert cache[0].keys.shape[2] == 32  # preallocated to the context, never grown
+
+
+def test_cached_tokens_equal_uncached_with_every_knob():
+    model = model_()
+    prompt = [[5, 17, 3, 44, 9]]
+    knobs = Sampling(
+        temperature=1.2,
+        top_k=20,
+        top_p=0.9,
+        min_p=0.02,
+        repetition_penalty=1.3,
+        repetition_window=8,
+        frequency_penalty=0.2,
+        presence_penalty=0.1,
+        seed=4,
+        max_tokens=20,
+    )
+    for s in (Sampling(temperature=0, max_tokens=20), knobs):
+        assert run(model, prompt, s) == run(model, prompt, s, cache=False)
+
+
+def test_greedy_is_deterministic_and_seed_reproduces():
+    model = model_()
+    greedy = Sampling(temperature=0, max_tokens=15)
+    assert run(model, [[1, 2, 3]], greedy) == run(model, [[1, 2, 3]], greedy)
+    a, b, c = (Sampling(temperature=1.5, seed=k, max_tokens=25) for k in (7, 7, 8))
+    assert run(model, [[1, 2, 3]], a) == run(model, [[1, 2, 3]], b)
+    assert run(model, [[1, 2, 3]], a) != run(model, [[1, 2, 3]], c)
+
+
+def support(s: Sampling, probs, draws=4000) -> set[int]:
+    """The set of tokens the sampler ever picks from `probs` (in `draws` rows)."""
+    logprobs = mx.log(mx.broadcast_to(mx.array(probs), (draws, len(probs))))
+    logprobs = logprobs - mx.logsumexp(logprobs, axis=-1, keepdims=True)
+    sampler = make_sampler(s, len(probs))
+    return set(np.unique(np.array(sampler(logprobs, mx.random.key(0)))).tolist())
+
+
+PROBS = [0.05, 0.4, 0.1, 0.3, 0.15]  # token 1 > 3 > 4 > 2 > 0
+
+
+@pytest.mark.parametrize(
+    "knobs, kept",
+    [
+        ({"temperature": 0}, {1}),
+        ({}, {0, 1, 2, 3, 4}),
+        ({"top_k": 1}, {1}),
+        ({"top_k": 2}, {1, 3}),
+        ({"top_k": 5}, {0, 1, 2, 3, 4}),
+        ({"top_k": 1000}, {0, 1, 2, 3, 4}),  # larger than the vocab: off
+        ({"top_p": 0.35}, {1}),  # smallest set with mass >= top_p
+        ({"top_p": 0.65}, {1, 3}),
+        ({"top_p": 0.8}, {1, 3, 4}),
+        ({"min_p": 0.3}, {1, 3, 4}),  # p >= 0.3 * 0.4 = 0.12
+        ({"min_p": 0.5}, {1, 3}),  # p >= 0.2
+        ({"top_k": 3, "min_p": 0.5}, {1, 3}),
+    ],
+)
+def test_each_sampler_keeps_exactly_the_right_tokens(knobs, kept):
+    assert support(Sampling(**{"temperature": 1.0, **knobs}).check(), PROBS) == kept
+
+
+def test_penalties_touch_only_the_window():
+    logits = mx.array([[2.0, -2.0, 1.0, 1.0, 0.5]])
+    history = mx.array([4, 0, 1, 1])
+
+    def apply(**kw):
+        out = logits
+        for proc in make_processors(Sampling(**kw)):
+            out = proc(history, mx.array(out))
+        return np.array(out)[0].tolist()
+
+    assert apply() == logits.tolist()[0]
+    # sign-aware: positive logits divided, negative multiplied; window = last 3
+    assert apply(repetition_penalty=2.0, repetition_window=3) == [1, -4, 1, 1, 0.5]
+    assert apply(presence_penalty=0.5, repetition_window=3) == [1.5, -2.5, 1, 1, 0.5]
+    freq = apply(frequency_penalty=0.5, repetition_window=4)
+    assert freq == [1.5, -3.0, 1, 1, 0.0]
+
+
+def test_v6_edge_cases(capsys):
+    model = model_()
+    assert list(generate_tokens(model, [1, 2], 0)) == []
+    assert len(list(generate_tokens(model, [], 3, eos_id=None))) == 3
+    s = Sampling(temperature=1.0, top_k=10_000, max_tokens=5)
+    assert len(list(generate_tokens(model, [1], 5, sampling=s))) == 5
+    long = list(range(90))
+    assert list(generate_tokens(model, long, 5)) == []  # kept 32: context full
+    assert "keeping its last 32" in capsys.readouterr().err
+    out = list(generate_tokens(model, long, 5, reserve=5))  # kept 27: room for 5
+    assert len(out) == 5 and "keeping its last 27" in capsys.readouterr().err
+    assert list(generate_tokens(model, [1, 2], 3, temperature=0)) == list(
+        generate_tokens(model, [1, 2], 3, temperature=0)
+    )
+
+
+def test_batch_rows_equal_single_rows():
+    model = model_()
+    prompts = [[5, 17, 3], [44, 9, 60], [2, 81, 33]]
+    s = Sampling(temperature=0, repetition_penalty=1.5, max_tokens=12)
+    batched = np.array(run(model, prompts, s)).T.tolist()
+    single = [np.array(run(model, [p], s))[:, 0].tolist() for p in prompts]
+    assert batched == single
+
+
+TEXTS = [
+    "Once upon a time, a cat sat.\nThe end.",
+    "héllo wörld: 世界 🙂🚀 — ça va? ∑x² ≠ ∞",
+    "emoji only 🐶🐱🐭🐹🐰🦊🐻",
+]
+
+
+@pytest.mark.parametrize("text", TEXTS)
+def test_streamed_text_equals_decoded_text(tiny_dataset, text):
+    from src.tokenizer import Tokenizer
+
+    tok = Tokenizer.load(tiny_dataset["tokenizer"])
+    ids = tok.encode(text)
+    assert len(ids) > len(text) // 4
+    streamer = TextStreamer(tok)
+    parts = [streamer.add(t) for t in ids] + [streamer.finish()]
+    assert all("\ufffd" not in p for p in parts), parts
+    assert "".join(parts) == streamer.text == tok.decode(ids) == text
+
+
+def test_streamer_stop_strings(tiny_dataset):
+    from src.tokenizer import Tokenizer
+
+    tok = Tokenizer.load(tiny_dataset["tokenizer"])
+    text = "The dog ran. The END came 🙂 after. More."
+    for stop, want in [
+        ("END", "The dog ran. The "),
+        ("🙂", "The dog ran. The END came "),
+    ]:
+        streamer = TextStreamer(tok, [stop, "never here"])
+        parts = []
+        for t in tok.encode(text):
+            parts.append(streamer.add(t))
+            assert want.startswith("".join(parts))  # no piece of a stop string shown
+        parts.append(streamer.finish())
+        assert "".join(parts) == streamer.text == want and streamer.stopped
