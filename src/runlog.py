@@ -130,6 +130,7 @@ class RunLog:
             rows.append(row)
         rows[-1]["tokens_per_s"] = tokens_per_s
         rows[-1]["peak_memory"] = mx.get_peak_memory()
+        rows[-1]["time"] = time.time()  # wall clock, for plots against time
         self._append(rows)
         last = rows[-1]
         bar.set_postfix(
@@ -147,7 +148,7 @@ class RunLog:
         return consecutive_bad
 
     def eval_row(self, step: int, metrics: dict) -> None:
-        self._append([{"event": "eval", "step": step, **metrics}])
+        self._append([{"event": "eval", "step": step, "time": time.time(), **metrics}])
         self.info(
             f"step {step}: val loss {metrics['val_loss']:.4f} "
             f"ppl {metrics['val_ppl']:.2f} bpb {metrics['val_bpb']:.4f}"

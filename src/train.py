@@ -20,7 +20,7 @@ from pathlib import Path
 import mlx.core as mx
 from mlx.utils import tree_flatten
 
-from . import blas
+from . import blas, report
 from . import checkpoint as ckpt
 from .config import Config, ConfigError, dump_config, load_config
 from .eval import Evaluator
@@ -218,7 +218,9 @@ class Trainer:
             start = self._build()
             self._announce(start)
             self.log.truncate_after(start)
-            return self._loop(start)
+            code = self._loop(start)
+        report.after_training(self.log_dir, self.log)  # plot + report.md; only warns
+        return code
 
     def _loop(self, start: int) -> int:
         cfg, t = self.cfg, self.cfg.training

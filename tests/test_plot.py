@@ -1,0 +1,219 @@
+"""Plots and reports from run logs (`src.plot`, `src.report`): on a tiny real run,
+on hand-made logs (several runs, old logs without timestamps), and user mistakes."""
+
+import json
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from src import plot, report
+from src.config import dump_config, load_config
+
+ROOT = Path(__file__).resolve().parents[1]
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.fixture(scope="module")
+def logs(tiny_dataset, tmp_path_factory) -> Path:
+    """logs/<run> of a 30-step tiny run (eval at 15 and 30, a row every 5 steps)."""
+    tmp = tmp_path_factory.mktemp("plotrun")
+    sets = {
+        "data.train_path": tiny_dataset["train"],
+        "data.val_path": tiny_dataset["val"],
+        "data.tokenizer_path": tiny_dataset["tokenizer"],
+        "checkpoint.dir": tmp / "ck",
+        "logging.dir": tmp / "logs",
+        "logging.progress_bar": "false",
+        "logging.interval": 5,
+        "eval.max_tokens": 512,
+        "eval.sample_tokens": 8,
+        "eval.interval": 15,
+        "checkpoint.interval": 30,
+        "training.max_steps": 30,
+    }
+    args = [a for k, v in sets.items() for a in ("--set", f"{k}={v}")]
+    proc = subprocess.run(
+        [sys.executable, "-m", "src.train", "--config", "configs/tiny.yaml", *args],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return tmp / "logs" / "tiny"
+
+
+def rows(log_dir: Path, event: str) -> list[dict]:
+    lines = (log_dir / "metrics.jsonl").read_text().splitlines()
+    return [r for r in map(json.loads, lines) if r["event"] == event]
+
+
+def assert_png(path: Path) -> None:
+    data = path.read_bytes()
+    assert data[:8] == PNG_MAGIC and len(data) > 10_000, (path, len(data))
+
+
+def fake_run(root: Path, name: str, timed: bool = True, accum: int = 2) -> Path:
+    """A hand-made log folder: 20 steps, eval at 10 and 20, a sample."""
+    d = root / name
+    d.mkdir(parents=True)
+    cfg = load_config(
+        ROOT / "configs/tiny.yaml", [f"training.grad_accum_steps={accum}"]
+    )
+    (d / "config.yaml").write_text(dump_config(cfg))
+    out = []
+    for s in range(1, 21):
+        row = {"event": "train", "step": s, "loss": 6.0 - 0.1 * s, "lr": 1e-3,
+               "grad_norm": 1.0, "skipped": s == 7}  # fmt: skip
+        if s % 5 == 0:
+            row.update(tokens_per_s=1000.0, peak_memory=2**20 * s)
+            if timed:
+                row["time"] = 1e9 + s * 1.024  # 8*2*64 tokens/step at 1000/s
+        out.append(row)
+        if s % 10 == 0:
+            ev = {"event": "eval", "step": s, "val_loss": 5.0 - 0.1 * s,
+                  "val_ppl": 1.0, "val_bpb": 2.0 - 0.01 * s, "val_tokens": 512}  # fmt: skip
+            if timed:
+                ev["time"] = 1e9 + s * 1.024 + 0.5
+            out.append(ev)
+    out.append({"event": "sample", "step": 20, "prompt": "Once", "text": " upon"})
+    lines = [json.dumps(r) for r in out]
+    (d / "metrics.jsonl").write_text("\n".join(lines) + "\n{torn")  # a torn last line
+    return d
+
+
+def test_rows_carry_wall_time(logs):
+    train = [r for r in rows(logs, "train") if "tokens_per_s" in r]
+    evals = rows(logs, "eval")
+    assert [r["step"] for r in train] == [5, 10, 15, 20, 25, 30]
+    times = [r["time"] for r in train]
+    assert all("time" in r for r in evals) and times == sorted(times)
+
+
+def test_training_ends_with_the_report(logs):
+    """The trainer writes training.png and report.md when the run ends."""
+    assert_png(logs / "training.png")
+    assert "## Validation" in (logs / "report.md").read_text()
+    assert f"report: {logs / 'report.md'}" in (logs / "train.log").read_text()
+
+
+def test_a_failing_report_only_warns(tmp_path):
+    class Log:
+        def __init__(self):
+            self.lines = []
+
+        def info(self, msg):
+            self.lines.append(msg)
+
+        def warn(self, msg):
+            self.lines.append(f"warning: {msg}")
+
+    log = Log()
+    assert report.after_training(tmp_path / "missing", log) is None
+    assert log.lines[0].startswith("warning: no report for") and len(log.lines) == 1
+
+
+def test_plot_and_report_on_tiny_run(logs, capsys):
+    assert plot.main([str(logs)]) == 0
+    assert capsys.readouterr().out.strip() == str(logs / "training.png")
+    assert_png(logs / "training.png")
+
+    assert report.main([str(logs)]) == 0
+    text = (logs / "report.md").read_text()
+    evals, samples = rows(logs, "eval"), rows(logs, "sample")
+    final, best = evals[-1], min(evals, key=lambda r: r["val_loss"])
+    params = re.search(r"model: ([\d,]+) parameters", (logs / "train.log").read_text())
+    assert params and f"| parameters | {params.group(1)} |" in text
+    assert "| tokens seen | 15,360 (8 x 1 x 64 per step) |" in text  # 30 * 8 * 64
+    assert f"loss {final['val_loss']:.4f}, {final['val_bpb']:.4f} bits/byte" in text
+    assert f"(step {best['step']})" in text and "best validation" in text
+    peak = max(r["peak_memory"] for r in rows(logs, "train") if "peak_memory" in r)
+    assert f"{peak / 2**20:.1f} MiB" in text
+    assert re.search(r"\| wall time \| [\d.]+ s \|", text)
+    assert re.search(r"\| throughput \| [\d,]+ tokens/s", text)
+    assert "![training curves](training.png)" in text
+    assert samples[-1]["prompt"] + samples[-1]["text"] in text
+    assert "d_model 64, 2 layers" in text
+
+
+def test_several_runs_one_figure(tmp_path, logs, capsys):
+    a, b = fake_run(tmp_path, "a"), fake_run(tmp_path, "b", timed=False)
+    assert plot.main([str(logs), str(a), str(b)]) == 0
+    assert_png(logs / "compare.png")
+    out = tmp_path / "sub" / "cmp.png"
+    assert plot.main([str(a), str(b), "--out", str(out)]) == 0
+    assert_png(out)
+    assert capsys.readouterr().out.split() == [str(logs / "compare.png"), str(out)]
+
+
+def test_tokens_and_seconds_of_a_hand_made_log(tmp_path):
+    run = plot.load_run(fake_run(tmp_path, "r"))
+    assert len(run.train) == 20 and len(run.evals) == 2 and len(run.samples) == 1
+    assert run.tokens_per_step == 8 * 2 * 64
+    assert run.tokens(run.evals).tolist() == [10 * 1024, 20 * 1024]
+    # the first logging row (step 5, 1000 tokens/s) puts step 0 at 1e9 exactly
+    assert abs(run.start_time() - 1e9) < 1e-6
+    secs = run.seconds(run.train)
+    assert np.allclose(secs, np.arange(1, 21) * 1.024, atol=1e-4), secs
+    s = report.summary(run)
+    assert s["tokens"] == 20 * 1024 and s["skipped"] == 1
+    assert s["best"]["step"] == 20 and s["peak_memory"] == 20 * 2**20
+    assert abs(s["seconds"] - (20 * 1.024 + 0.5)) < 1e-4
+
+
+def test_report_on_an_old_log_without_timestamps(tmp_path, capsys):
+    d = fake_run(tmp_path, "old", timed=False)
+    assert plot.load_run(d).seconds(plot.load_run(d).train) is None
+    assert report.main([str(d)]) == 0
+    text = (d / "report.md").read_text()
+    assert "unknown (no timestamps in the log)" in text
+    assert "| skipped steps | 1 |" in text and "Step 20:" in text
+    assert_png(d / "training.png")
+    assert report.main([str(d), "--no-plot"]) == 0
+    assert "![training" not in (d / "report.md").read_text()
+
+
+def test_smooth_is_a_trailing_mean():
+    y = np.arange(100, dtype=float)
+    s = plot.smooth(y)  # window 2
+    assert s[0] == 0 and np.allclose(s[1:], y[1:] - 0.5)
+    assert plot.smooth(np.array([3.0])).tolist() == [3.0]
+
+
+@pytest.mark.parametrize("module", [plot, report])
+def test_user_mistakes_exit_2(tmp_path, capsys, module):
+    (tmp_path / "empty").mkdir()
+    no_rows = fake_run(tmp_path, "norows")
+    (no_rows / "metrics.jsonl").write_text("")
+    cases = [
+        ([str(tmp_path / "missing")], "no such log folder"),
+        ([str(tmp_path / "empty")], "no metrics.jsonl"),
+        ([str(no_rows)], "no training steps"),
+    ]
+    if module is plot:
+        run = fake_run(tmp_path, "ok")
+        cases.append(([str(run), "--out", str(tmp_path / "x.nope")], "nope"))
+    for argv, message in cases:
+        assert module.main(argv) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("error: ") and message in err, err
+        assert "Traceback" not in err
+
+
+def test_plot_cli_subprocess(tmp_path):
+    d = fake_run(tmp_path, "r")
+    proc = subprocess.run(
+        [sys.executable, "-m", "src.plot", str(d)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert_png(d / "training.png")
+    # no MLX on this path: plotting works where MLX is not importable
+    code = "import sys; sys.modules['mlx'] = None; import src.plot, src.report"
+    assert subprocess.run([sys.executable, "-c", code], cwd=ROOT).returncode == 0
