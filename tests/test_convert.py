@@ -221,24 +221,12 @@ def test_round_trip_mlx_hf_mlx_is_bitwise(source, tmp_path, dtype):
 
 
 @pytest.fixture(scope="module")
-def trained(tmp_path_factory, tiny_dataset) -> Path:
+def trained(train_tiny, tmp_path_factory) -> Path:
     """The latest checkpoint of a 20-step run of configs/tiny.yaml (real CLI)."""
-    tmp = tmp_path_factory.mktemp("trained")
-    sets = {
-        "data.train_path": tiny_dataset["train"],
-        "data.val_path": tiny_dataset["val"],
-        "data.tokenizer_path": tiny_dataset["tokenizer"],
-        "checkpoint.dir": tmp / "ck",
-        "logging.dir": tmp / "logs",
-        "logging.progress_bar": "false",
-        "training.max_steps": 20,
-        "eval.interval": 0,
-    }
-    cmd = [sys.executable, "-m", "src.train", "--config", ROOT / "configs/tiny.yaml"]
-    cmd += [a for k, v in sets.items() for a in ("--set", f"{k}={v}")]
-    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    return tmp / "ck/tiny/latest"
+    ck, _ = train_tiny(
+        tmp_path_factory.mktemp("trained"), training__max_steps=20, eval__interval=0
+    )
+    return ck / "latest"
 
 
 def test_trained_tiny_checkpoint_converts_both_ways(trained, tmp_path):

@@ -82,39 +82,15 @@ def test_model_loss_matches_reference(tmp_path):
 
 
 @pytest.fixture(scope="module")
-def run(tiny_dataset, tmp_path_factory) -> dict:
+def run(train_tiny, tiny_dataset, tmp_path_factory) -> dict:
     """A 30-step tiny run (eval at steps 15 and 30 on MAX_TOKENS val tokens)."""
     tmp = tmp_path_factory.mktemp("evalrun")
-    sets = {
-        "data.train_path": tiny_dataset["train"],
-        "data.val_path": tiny_dataset["val"],
-        "data.tokenizer_path": tiny_dataset["tokenizer"],
-        "checkpoint.dir": tmp / "ck",
-        "logging.dir": tmp / "logs",
-        "logging.progress_bar": "false",
-        "logging.interval": 5,
-        "eval.max_tokens": MAX_TOKENS,
-        "eval.sample_tokens": 8,
-        "eval.interval": 15,
-        "checkpoint.interval": 15,
-        "training.max_steps": 30,
-        "model.dropout": 0.0,
-    }
-    args = [a for k, v in sets.items() for a in ("--set", f"{k}={v}")]
-    proc = subprocess.run(
-        [sys.executable, "-m", "src.train", "--config", "configs/tiny.yaml", *args],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    return {
-        "ck": tmp / "ck" / "tiny",
-        "logs": tmp / "logs" / "tiny",
-        "val": tiny_dataset["val"],
-        "tmp": tmp,
-    }
+    ck, logs = train_tiny(
+        tmp, logging__interval=5, eval__max_tokens=MAX_TOKENS, eval__sample_tokens=8,
+        eval__interval=15, checkpoint__interval=15, training__max_steps=30,
+        model__dropout=0.0,
+    )  # fmt: skip
+    return {"ck": ck, "logs": logs, "val": tiny_dataset["val"], "tmp": tmp}
 
 
 def cli(capsys, *argv) -> tuple[int, str, str]:

@@ -20,30 +20,12 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
-def ckpt(tiny_dataset, tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("gen")
-    sets = {
-        "data.train_path": tiny_dataset["train"],
-        "data.val_path": tiny_dataset["val"],
-        "data.tokenizer_path": tiny_dataset["tokenizer"],
-        "checkpoint.dir": out / "ck",
-        "logging.dir": out / "logs",
-        "logging.progress_bar": "false",
-        "training.max_steps": 150,
-        "eval.interval": 150,
-        "eval.max_tokens": 1024,
-        "checkpoint.interval": 150,
-    }
-    args = [a for k, v in sets.items() for a in ("--set", f"{k}={v}")]
-    proc = subprocess.run(
-        [sys.executable, "-m", "src.train", "--config", "configs/tiny.yaml", *args],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    return out / "ck" / "tiny" / "best"
+def ckpt(train_tiny, tmp_path_factory) -> Path:
+    ck, _ = train_tiny(
+        tmp_path_factory.mktemp("gen"), training__max_steps=150, eval__interval=150,
+        eval__max_tokens=1024, checkpoint__interval=150,
+    )  # fmt: skip
+    return ck / "best"
 
 
 def cli(ckpt, *args) -> list[str]:

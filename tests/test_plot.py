@@ -18,33 +18,14 @@ PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 
 @pytest.fixture(scope="module")
-def logs(tiny_dataset, tmp_path_factory) -> Path:
+def logs(train_tiny, tmp_path_factory) -> Path:
     """logs/<run> of a 30-step tiny run (eval at 15 and 30, a row every 5 steps)."""
-    tmp = tmp_path_factory.mktemp("plotrun")
-    sets = {
-        "data.train_path": tiny_dataset["train"],
-        "data.val_path": tiny_dataset["val"],
-        "data.tokenizer_path": tiny_dataset["tokenizer"],
-        "checkpoint.dir": tmp / "ck",
-        "logging.dir": tmp / "logs",
-        "logging.progress_bar": "false",
-        "logging.interval": 5,
-        "eval.max_tokens": 512,
-        "eval.sample_tokens": 8,
-        "eval.interval": 15,
-        "checkpoint.interval": 30,
-        "training.max_steps": 30,
-    }
-    args = [a for k, v in sets.items() for a in ("--set", f"{k}={v}")]
-    proc = subprocess.run(
-        [sys.executable, "-m", "src.train", "--config", "configs/tiny.yaml", *args],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    return tmp / "logs" / "tiny"
+    _, logs = train_tiny(
+        tmp_path_factory.mktemp("plotrun"), logging__interval=5, eval__max_tokens=512,
+        eval__sample_tokens=8, eval__interval=15, checkpoint__interval=30,
+        training__max_steps=30,
+    )  # fmt: skip
+    return logs
 
 
 def rows(log_dir: Path, event: str) -> list[dict]:
