@@ -28,6 +28,7 @@ import mlx.core as mx
 from . import checkpoint as ckpt
 from .config import Config, ConfigError, ModelConfig, config_from_dict
 from .model import Model
+from .rundir import check_writable
 from .tokenizer import MODEL_FILE, Tokenizer, TokenizerError
 
 DTYPES = {"fp32": mx.float32, "bf16": mx.bfloat16, "fp16": mx.float16}
@@ -75,7 +76,7 @@ def to_torch(path, out, dtype: str = "fp32") -> Path:
         "meta": {"step": meta.get("step"), "dtype": dtype},
     }
     out = Path(out)
-    ckpt.check_writable(out.parent)
+    check_writable(out.parent)
     tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
     try:
         torch.save(payload, tmp)  # reports I/O failures as RuntimeError
@@ -167,7 +168,7 @@ def to_hf(path, out, dtype: str = "fp32") -> Path:
     out = Path(out)
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise ConvertError(f"{out} exists and is not an empty folder")
-    ckpt.check_writable(out.parent)
+    check_writable(out.parent)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
     try:
         arrays = {k: v.astype(DTYPES[dtype]) for k, v in sorted(weights.items())}

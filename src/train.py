@@ -27,6 +27,7 @@ from .eval import Evaluator
 from .generate import generate_tokens
 from .model import Model, estimate_training_memory
 from .optim import build_optimizer, load_optimizer_state
+from .rundir import RunLock, check_writable
 from .runlog import RunLog, StopSignal, check_resume_compatible, fmt_bytes
 from .step import make_eval_fn, make_train_step, resolve_precision, step_seed
 from .tokenizer import Tokenizer, TokenizerError
@@ -90,9 +91,9 @@ def _warn(msg: str) -> None:
 def train(cfg: Config, resume: str | None = None, overwrite: bool = False) -> int:
     """Run (or continue) the training run `cfg` describes; returns the exit code."""
     # Fail in the first second, not at the first save hours later (C11).
-    ckpt_dir = ckpt.check_writable(Path(cfg.checkpoint.dir) / cfg.run_name)
-    log_dir = ckpt.check_writable(Path(cfg.logging.dir) / cfg.run_name)
-    with ckpt.RunLock(ckpt_dir):
+    ckpt_dir = check_writable(Path(cfg.checkpoint.dir) / cfg.run_name)
+    log_dir = check_writable(Path(cfg.logging.dir) / cfg.run_name)
+    with RunLock(ckpt_dir):
         return Trainer(cfg, ckpt_dir, log_dir, resume, overwrite).run()
 
 

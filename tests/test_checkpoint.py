@@ -19,8 +19,6 @@ import pytest
 from src import checkpoint as ckpt
 from src.checkpoint import (
     CheckpointError,
-    RunLock,
-    check_writable,
     find_latest_valid,
     list_checkpoints,
     load_checkpoint,
@@ -29,6 +27,7 @@ from src.checkpoint import (
     save_checkpoint,
     verify_checkpoint,
 )
+from src.rundir import RunLock, check_writable
 
 REPO = Path(__file__).resolve().parents[1]
 DEAD_PID = 99_999_999  # above any Linux pid_max, so never alive
@@ -301,7 +300,8 @@ def test_check_writable(tmp_path):
 LOCK_SCRIPT = textwrap.dedent(
     """
     import sys
-    from src.checkpoint import CheckpointError, RunLock
+    from src.checkpoint import CheckpointError
+    from src.rundir import RunLock
     try:
         with RunLock(sys.argv[1]):
             pass

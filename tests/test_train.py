@@ -287,7 +287,7 @@ def test_user_errors_exit_2_without_traceback(tmp_path, tiny_dataset):
 
 def test_second_trainer_on_same_run_is_refused(tmp_path, tiny_dataset):
     """C13: the lock is held by a live process; a stale lock file does not block."""
-    from src.checkpoint import RunLock
+    from src.rundir import RunLock
 
     run_dir = tmp_path / "ck" / "tiny"
     run_dir.mkdir(parents=True)
