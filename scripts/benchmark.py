@@ -7,6 +7,8 @@ micro-batch of configs/model_config_small.yaml, timed with grad_accum 1) this ti
 one full training step (forward, backward, clip, AdamW) of:
   ours           our trainer's step (src.step.make_train_step, mx.compile), fp32
   ours_eager     the same step with compile=False
+  ours_plain     the compiled step without the CPU levers: MLX's fused kernels
+                 (SLM_KERNELS=fused) and one stream (training.streams=1)
   torch          src/torch_model.py + torch.optim.AdamW (same hyperparameters,
                  decay mask and schedule), fp32 eager
   torch_compile  the same with torch.compile(model) (skipped, with the reason, if
@@ -45,7 +47,7 @@ import src  # noqa: F401,E402  (loads the optimized BLAS; must precede mlx)
 # isort: split
 from src.config import config_from_dict, load_config  # noqa: E402
 
-IMPLS = ["ours", "ours_eager", "torch", "torch_compile", "mlx_lm"]
+IMPLS = ["ours", "ours_eager", "ours_plain", "torch", "torch_compile", "mlx_lm"]
 PLATFORM_MODEL = dict(
     vocab_size=8192, d_model=384, n_layers=6, n_heads=6, n_kv_heads=2, d_ff=1024,
     context_length=256,
@@ -87,6 +89,11 @@ def mlx_worker(impl: str, cfg, init: str):
             tie_word_embeddings=m.tie_embeddings,
         ))  # fmt: skip
     else:
+        if impl == "ours_plain":
+            from src import kernels
+
+            kernels.set_kernel_set("fused")
+            cfg.training.streams = 1
         model = Model(cfg.model)
     base = rss()
     data = mx.load(init)

@@ -48,6 +48,10 @@ class BlasStatus:
 
 
 STATUS = BlasStatus()
+_LIB: ctypes.CDLL | None = None
+# Thread-count setters of the libraries we may load, tried in order.
+_THREAD_SETTERS = ("openblas_set_num_threads", "bli_thread_set_num_threads",
+                   "MKL_Set_Num_Threads")  # fmt: skip
 
 
 def _find_library() -> str | None:
@@ -84,13 +88,26 @@ def preload() -> BlasStatus:
     if not path:
         STATUS = BlasStatus(None, "no optimized CBLAS found")
         return STATUS
+    global _LIB
     try:
-        ctypes.CDLL(path, mode=os.RTLD_GLOBAL)
+        _LIB = ctypes.CDLL(path, mode=os.RTLD_GLOBAL)
     except OSError as exc:
         STATUS = BlasStatus(None, f"could not load {path}: {exc}")
         return STATUS
     STATUS = BlasStatus(path, "loaded")
     return STATUS
+
+
+def set_threads(n: int) -> bool:
+    """Let the loaded BLAS use `n` threads per call (False if none is loaded or it
+    has no known setter). The trainer uses one thread per stream when it splits a
+    batch over several CPU streams, which then run their GEMMs side by side."""
+    for name in _THREAD_SETTERS if _LIB is not None else ():
+        setter = getattr(_LIB, name, None)
+        if setter is not None:
+            setter(ctypes.c_int(max(1, n)))
+            return True
+    return False
 
 
 def describe() -> str:

@@ -77,6 +77,7 @@ class TrainingConfig:
     batch_size: int = 16  # micro-batch, sequences per forward pass
     grad_accum_steps: int = 1  # effective batch = batch_size * grad_accum_steps
     max_steps: int = 1000
+    time_budget_minutes: float = 0.0  # > 0: max_steps = what fits (src/budget.py)
     learning_rate: float = 3e-4
     min_lr_ratio: float = 0.1  # cosine decays to learning_rate * min_lr_ratio
     warmup_steps: int = 100
@@ -89,6 +90,7 @@ class TrainingConfig:
     label_smoothing: float = 0.0
     precision: str = "auto"  # auto | fp32 | bf16
     compile: bool = True
+    streams: int = 0  # streams a micro-batch is split across; 0 = auto (src/step.py)
     max_consecutive_skips: int = 10  # non-finite steps in a row before giving up
     spike_factor: float = 10.0  # warn when loss > factor * moving average
 
@@ -255,6 +257,13 @@ def validate(cfg: Config) -> Config:
     _require(
         t.warmup_steps >= 0, "training.warmup_steps", t.warmup_steps, "must be >= 0"
     )
+    _require(
+        t.time_budget_minutes >= 0,
+        "training.time_budget_minutes",
+        t.time_budget_minutes,
+        "must be >= 0 (0 = off: train max_steps steps)",
+    )
+    _require(0 <= t.streams <= 16, "training.streams", t.streams, "must be in [0, 16]")
     _require(
         t.weight_decay >= 0, "training.weight_decay", t.weight_decay, "must be >= 0"
     )

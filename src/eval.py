@@ -37,7 +37,7 @@ from .checkpoint import CheckpointError
 from .config import ConfigError
 from .corpus import DOC_DELIMITER, FOLDER_SUFFIXES, expand_inputs, iter_corpus
 from .inference import load_model
-from .step import make_eval_fn
+from .step import make_eval_fn, resolve_streams
 from .tokenizer import TokenizerError
 from .tokens import MAGIC, DataError, TokenLoader, write_tokens
 
@@ -85,12 +85,21 @@ class Evaluator:
         self.tokens = sum(b.shape[0] * (b.shape[1] - 1) for b in self.batches)
         self.bytes = count_bytes(self.batches, decode)
 
-    def __call__(self, loss_sum_fn: Callable[[mx.array], mx.array]) -> EvalResult:
-        """`loss_sum_fn(batch)` returns the summed next-token loss of a batch."""
+    def __call__(
+        self,
+        loss_sum_fn: Callable[[mx.array], mx.array],
+        rank: int = 0,
+        world: int = 1,
+    ) -> EvalResult:
+        """`loss_sum_fn(batch)` returns the summed next-token loss of a batch. With
+        `world` data-parallel ranks, each scores batches rank, rank + world, ... and
+        the sums are added over the ranks: every rank returns the whole result."""
         total = mx.array(0.0)
-        for batch in self.batches:
+        for batch in self.batches[rank::world]:
             total = total + loss_sum_fn(mx.array(batch, dtype=mx.int32))
             mx.eval(total)  # bound memory: one batch in flight
+        if world > 1:
+            total = mx.distributed.all_sum(total)
         return EvalResult(total.item() / max(self.tokens, 1), self.tokens, self.bytes)
 
 
@@ -176,7 +185,7 @@ def evaluate_checkpoint(
             write_tokens(Path(tmp) / "text.bin", tokens, tokenizer.vocab_size)
             loader = TokenLoader(Path(tmp) / "text.bin", L, vocab)
         evaluator = Evaluator(loader, batch_size, max_tokens, tokenizer.decode)
-        result = evaluator(make_eval_fn(model))
+        result = evaluator(make_eval_fn(model, streams=resolve_streams(0)))
     return {
         "checkpoint": str(checkpoint),
         "step": meta.get("step"),

@@ -207,8 +207,11 @@ def _flatten(d: dict, prefix: str = "") -> dict:
     return out
 
 
-def check_resume_compatible(meta: dict, cfg: Config, tokenizer_sha256: str) -> None:
-    """Raise ConfigError listing every frozen key whose value differs."""
+def check_resume_compatible(
+    meta: dict, cfg: Config, tokenizer_sha256: str, world_size: int = 1
+) -> None:
+    """Raise ConfigError listing every frozen key whose value differs, and a change
+    in the number of data-parallel ranks."""
     old, new = _flatten(meta.get("config", {})), _flatten(cfg.to_dict())
     diffs = [
         f"  {k}: checkpoint {old.get(k)!r} -> now {new.get(k)!r}"
@@ -220,8 +223,11 @@ def check_resume_compatible(meta: dict, cfg: Config, tokenizer_sha256: str) -> N
             f"  tokenizer sha256: checkpoint {meta.get('tokenizer_sha256')} "
             f"-> now {tokenizer_sha256}"
         )
-    if meta.get("world_size", 1) != 1:
-        diffs.append(f"  world size: checkpoint {meta.get('world_size')} -> now 1")
+    if meta.get("world_size", 1) != world_size:
+        diffs.append(
+            f"  world size (data-parallel ranks): checkpoint {meta.get('world_size')} "
+            f"-> now {world_size} (resume with as many ranks as the checkpoint)"
+        )
     if diffs:
         raise ConfigError(
             "cannot resume: the run changed since the checkpoint\n" + "\n".join(diffs)

@@ -12,10 +12,17 @@ parameters inside the differentiated function, so gradients arrive in fp32.
 Non-finite guard: if the loss or the gradient norm is NaN/inf, the update is
 discarded inside the graph (parameters and optimizer state keep their old values
 via `mx.where`) and the step reports ok=False.
+
+Data-parallel (a `group` of N > 1 ranks, src/distributed.py): each rank passes its
+own micro-batches; loss and gradients are averaged over the ranks (one all_sum per
+32 MiB of gradients, `nn.average_gradients`) before clipping, so the clipped norm,
+the guard and the update are the global ones, bitwise the same on every rank.
 """
 
 from __future__ import annotations
 
+import contextlib
+import os
 from collections.abc import Callable
 
 import mlx.core as mx
@@ -23,6 +30,7 @@ import mlx.nn as nn
 import mlx.optimizers as optim
 from mlx.utils import tree_flatten, tree_map
 
+from . import blas, kernels
 from .config import TrainingConfig
 
 PRECISIONS = {"fp32": mx.float32, "bf16": mx.bfloat16}
@@ -37,14 +45,59 @@ def resolve_precision(name: str) -> mx.Dtype:
     return PRECISIONS[name]
 
 
+_STREAMS: list[mx.Stream] = []
+
+
+def resolve_streams(n: int, world: int = 1) -> list[mx.Stream]:
+    """The streams a micro-batch is split across (`training.streams`; 0 = auto).
+
+    MLX's CPU backend runs each stream's work on its own thread, but most non-GEMM
+    kernels (softmax, SiLU, norms, the cross-entropy) are single-threaded: with the
+    rows of a micro-batch split over one stream per core, those run in parallel,
+    and the BLAS gets one thread per stream instead of all cores per call
+    (on 2 cores, 1.14x faster than one stream with a 2-thread BLAS at the shape
+    of scripts/benchmark.py's model (a)).
+    Auto is one stream per core left to each of `world` processes on the CPU
+    backend, and one on GPUs, whose kernels already fill the device."""
+    device = mx.default_device()
+    if device.type == mx.DeviceType.cpu:
+        cores = max(1, (os.cpu_count() or 1) // world)
+        n = n or min(4, cores)
+        if n > 1:
+            blas.set_threads(max(1, cores // n))
+    n = n or 1
+    while len(_STREAMS) < n - 1:  # created once per process and reused
+        _STREAMS.append(mx.new_stream(device))
+    return [mx.default_stream(device), *_STREAMS[: n - 1]]
+
+
+def _shards(batch: mx.array, streams: list[mx.Stream] | None):
+    """(stream, rows) pairs: equal row blocks of `batch`, one per stream (fewer when
+    the batch has fewer rows than streams)."""
+    streams = streams or [None]
+    n = min(len(streams), batch.shape[0])
+    bounds = [round(i * batch.shape[0] / n) for i in range(n + 1)]
+    return [(streams[i], batch[bounds[i] : bounds[i + 1]]) for i in range(n)]
+
+
+def _summed_loss(model, rows: mx.array, label_smoothing: float = 0.0) -> mx.array:
+    logits = model(rows[:, :-1]).astype(mx.float32)
+    return kernels.cross_entropy(logits, rows[:, 1:], label_smoothing).sum()
+
+
 def loss_fn(
-    model: nn.Module, batch: mx.array, label_smoothing: float = 0.0
+    model: nn.Module,
+    batch: mx.array,
+    label_smoothing: float = 0.0,
+    streams: list[mx.Stream] | None = None,
 ) -> mx.array:
-    """Mean next-token cross-entropy of `batch` (B, L+1), computed in fp32."""
-    inputs, targets = batch[:, :-1], batch[:, 1:]
-    logits = model(inputs).astype(mx.float32)
-    losses = nn.losses.cross_entropy(logits, targets, label_smoothing=label_smoothing)
-    return losses.mean()
+    """Mean next-token cross-entropy of `batch` (B, L+1), computed in fp32; the rows
+    are split across `streams` (their backward runs on the same streams)."""
+    total = mx.array(0.0)
+    for stream, rows in _shards(batch, streams):
+        with mx.stream(stream) if stream is not None else contextlib.nullcontext():
+            total = total + _summed_loss(model, rows, label_smoothing)
+    return total / (batch.shape[0] * (batch.shape[1] - 1))
 
 
 def _cast(tree: dict, dtype: mx.Dtype) -> dict:
@@ -71,14 +124,20 @@ def make_train_step(
     cfg: TrainingConfig,
     compute_dtype: mx.Dtype = mx.float32,
     compile: bool = True,
+    group: mx.distributed.Group | None = None,
 ) -> Callable[[mx.array], tuple[mx.array, mx.array, mx.array]]:
-    """step(batch (accum, B, L+1)) -> (mean loss, grad norm before clipping, ok)."""
+    """step(batch (accum, B, L+1)) -> (mean loss, grad norm before clipping, ok).
+
+    With a `group` of N ranks, the mean loss and the gradients are over all ranks'
+    batches (N x accum micro-batches)."""
+    world = group.size() if group is not None else 1
+    streams = resolve_streams(cfg.streams, world)
 
     def loss_of(params: dict, batch: mx.array) -> mx.array:
         if compute_dtype != mx.float32:
             params = _cast(params, compute_dtype)
         model.update(params)
-        return loss_fn(model, batch, cfg.label_smoothing)
+        return loss_fn(model, batch, cfg.label_smoothing, streams)
 
     loss_and_grad = mx.value_and_grad(loss_of)
 
@@ -97,6 +156,9 @@ def make_train_step(
         if accum > 1:
             loss = loss / accum
             grads = tree_map(lambda g: g / accum, grads)
+        if world > 1:  # the loss rides along in the gradients' all-reduce
+            mean = nn.average_gradients({"grads": grads, "loss": loss}, group)
+            grads, loss = mean["grads"], mean["loss"]
         grads, grad_norm = optim.clip_grad_norm(grads, cfg.grad_clip or float("inf"))
         ok = mx.isfinite(loss) & mx.isfinite(grad_norm)
 
@@ -115,18 +177,22 @@ def make_train_step(
 
 
 def make_eval_fn(
-    model: nn.Module, compile: bool = True
+    model: nn.Module, compile: bool = True, streams: list[mx.Stream] | None = None
 ) -> Callable[[mx.array], mx.array]:
     """eval(batch (B, L+1)) -> summed next-token loss in nats (fp32 weights)."""
 
     def total_loss(batch: mx.array) -> mx.array:
-        logits = model(batch[:, :-1]).astype(mx.float32)
-        return nn.losses.cross_entropy(logits, batch[:, 1:], reduction="sum")
+        total = mx.array(0.0)
+        for stream, rows in _shards(batch, streams):
+            with mx.stream(stream) if stream is not None else contextlib.nullcontext():
+                total = total + _summed_loss(model, rows)
+        return total
 
     return mx.compile(total_loss, inputs=[model.state]) if compile else total_loss
 
 
-def step_seed(seed: int, step: int) -> int:
+def step_seed(seed: int, step: int, rank: int = 0) -> int:
     """The random seed for step `step`: resuming at any step redraws the same numbers
-    (MLX's global key can be read but not restored, so it is reseeded each step)."""
-    return (seed * 1_000_003 + step) % (2**63)
+    (MLX's global key can be read but not restored, so it is reseeded each step).
+    Data-parallel ranks draw different dropout masks for their micro-batches."""
+    return (seed * 1_000_003 + step + rank * 2**40) % (2**63)

@@ -266,13 +266,16 @@ class TokenLoader:
             self.path, self.header.dtype, "r", HEADER_SIZE, (self.n_tokens,)
         )
 
-    def batch(self, seed: int, step: int, batch_size: int) -> np.ndarray:
-        """(batch_size, context_length + 1) int32, a pure function of (seed, step)."""
+    def batch(
+        self, seed: int, step: int, batch_size: int, rows: slice = slice(None)
+    ) -> np.ndarray:
+        """(batch_size, context_length + 1) int32, a pure function of (seed, step);
+        only `rows` of it are read and returned (a data-parallel rank's share)."""
         if min(seed, step) < 0 or batch_size < 1:
             raise ValueError(f"bad seed {seed}, step {step} or batch_size {batch_size}")
         L = self.context_length
         rng = np.random.default_rng([seed, step])
-        starts = rng.integers(0, self.n_tokens - L, size=batch_size)  # start+L < n
+        starts = rng.integers(0, self.n_tokens - L, size=batch_size)[rows]  # start+L<n
         return np.asarray(self._tokens()[starts[:, None] + np.arange(L + 1)], np.int32)
 
     def num_val_windows(self, max_tokens: int | None = None) -> int:

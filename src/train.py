@@ -6,6 +6,10 @@ check a resume target against the config, open the tokenizer and token files
 model and run the compiled step. Logs go to logs/<run>/, checkpoints to
 checkpoints/<run>/step_<N>/. SIGINT/SIGTERM finish the current step, save and
 exit 0; a second Ctrl-C exits at once (the last committed checkpoint stays valid).
+
+Data-parallel: `--nproc N` launches N ranks on this machine (src/launch.py); a
+process started by `mlx.launch` joins its ring (src/distributed.py). Only rank 0
+takes the run lock and writes logs and checkpoints.
 """
 
 from __future__ import annotations
@@ -20,16 +24,24 @@ from pathlib import Path
 import mlx.core as mx
 from mlx.utils import tree_flatten
 
-from . import blas, report
+from . import blas, budget, distributed, report
 from . import checkpoint as ckpt
 from .config import Config, ConfigError, dump_config, load_config
+from .distributed import ONE_PROCESS, Dist
 from .eval import Evaluator
 from .generate import generate_tokens
+from .launch import add_launch_arguments, launch
 from .model import Model, estimate_training_memory
 from .optim import build_optimizer, load_optimizer_state
 from .rundir import RunLock, check_writable
 from .runlog import RunLog, StopSignal, check_resume_compatible, fmt_bytes
-from .step import make_eval_fn, make_train_step, resolve_precision, step_seed
+from .step import (
+    make_eval_fn,
+    make_train_step,
+    resolve_precision,
+    resolve_streams,
+    step_seed,
+)
 from .tokenizer import Tokenizer, TokenizerError
 from .tokens import DataError, TokenLoader
 
@@ -68,33 +80,47 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         action="store_true",
         help="print the resolved config (every key, with defaults and overrides) and exit",
     )
+    add_launch_arguments(p)  # --nproc, --start-timeout
     return p.parse_args(argv)
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
     args = parse_args(argv)
     try:
         cfg = load_config(args.config, args.set)
         if args.show_config:
             print(dump_config(cfg), end="")
             return 0
-        return train(cfg, args.resume, args.overwrite)
+        if args.nproc > 1:
+            return launch(argv, args.nproc, cfg)
+        dist = distributed.init(cfg, args.start_timeout)
+        return train(cfg, args.resume, args.overwrite, dist)
     except USER_ERRORS as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        print(f"error{distributed.rank_tag()}: {exc}", file=sys.stderr)
         return 2
+    except RuntimeError as exc:  # distributed: e.g. another rank died
+        return distributed.report_failure(exc)
 
 
 def _warn(msg: str) -> None:
     print(f"warning: {msg}", file=sys.stderr)
 
 
-def train(cfg: Config, resume: str | None = None, overwrite: bool = False) -> int:
+def train(
+    cfg: Config,
+    resume: str | None = None,
+    overwrite: bool = False,
+    dist: Dist = ONE_PROCESS,
+) -> int:
     """Run (or continue) the training run `cfg` describes; returns the exit code."""
+    if not dist.main:  # ranks > 0 write nothing (and may not see rank 0's disk)
+        return Trainer(cfg, None, None, None, False, dist).run()
     # Fail in the first second, not at the first save hours later (C11).
     ckpt_dir = check_writable(Path(cfg.checkpoint.dir) / cfg.run_name)
     log_dir = check_writable(Path(cfg.logging.dir) / cfg.run_name)
     with RunLock(ckpt_dir):
-        return Trainer(cfg, ckpt_dir, log_dir, resume, overwrite).run()
+        return Trainer(cfg, ckpt_dir, log_dir, resume, overwrite, dist).run()
 
 
 class Trainer:
@@ -105,11 +131,16 @@ class Trainer:
         log_dir: Path,
         resume: str | None = None,
         overwrite: bool = False,
+        dist: Dist = ONE_PROCESS,
     ):
-        self.cfg = cfg
+        self.started = time.monotonic()  # a time budget counts from here
+        self.cfg, self.dist = cfg, dist
         t, m = cfg.training, cfg.model
+        self.accum = dist.local_accum(t.grad_accum_steps)  # micro-batches per rank
         self.ckpt_dir, self.log_dir = ckpt_dir, log_dir
-        self.resume_path = self._resolve_resume(resume, overwrite)
+        self.resume_path = None  # rank 0 alone reads (or clears) checkpoints
+        if dist.main:
+            self.resume_path = self._resolve_resume(resume, overwrite)
 
         self.tokenizer = Tokenizer.load(cfg.data.tokenizer_path)
         if self.tokenizer.vocab_size > m.vocab_size:
@@ -117,9 +148,12 @@ class Trainer:
                 f"model.vocab_size={m.vocab_size} is smaller than the tokenizer's "
                 f"vocabulary ({self.tokenizer.vocab_size}, {cfg.data.tokenizer_path})"
             )
+        self.resume_meta = None
         if self.resume_path is not None:
-            meta = ckpt.read_meta(self.resume_path)
-            check_resume_compatible(meta, cfg, self.tokenizer.sha256)
+            self.resume_meta = ckpt.read_meta(self.resume_path)
+            check_resume_compatible(
+                self.resume_meta, cfg, self.tokenizer.sha256, dist.world
+            )
         sha = self.tokenizer.sha256  # token files made with another tokenizer: refused
         self.train_data = TokenLoader(
             cfg.data.train_path, m.context_length, m.vocab_size, sha
@@ -127,7 +161,10 @@ class Trainer:
         self.val_data = TokenLoader(
             cfg.data.val_path, m.context_length, m.vocab_size, sha
         )
-        self.log = RunLog(self.log_dir, cfg.logging.progress_bar)
+        if dist.main:
+            self.log = RunLog(self.log_dir, cfg.logging.progress_bar)
+        else:
+            self.log = distributed.FollowerLog()
         self.stop = StopSignal()
         self.tokens_per_step = t.batch_size * t.grad_accum_steps * m.context_length
 
@@ -154,8 +191,31 @@ class Trainer:
 
     # ------------------------------------------------------------------ setup
 
+    def _steps_for_budget(self) -> None:
+        """training.time_budget_minutes -> training.max_steps (src/budget.py): what
+        fits in the time left, or a resumed run's own step count."""
+        t = self.cfg.training
+        meta = self.resume_meta
+        kept = self.dist.agree(meta["config"]["training"]["max_steps"] if meta else 0)
+        if kept:
+            t.max_steps = kept
+            self.log.info(f"time budget: the resumed run keeps its {kept} steps")
+            return
+        left = t.time_budget_minutes * 60 - (time.monotonic() - self.started)
+        steps, per_step, per_eval = budget.steps_for_budget(
+            self.cfg, left, self.dist.group
+        )
+        t.max_steps = self.dist.agree(steps)
+        self.log.info(
+            f"time budget {t.time_budget_minutes:g} min: {t.max_steps} steps fit in "
+            f"the {left:.0f} s left ({per_step:.3f} s/step, {per_eval:.1f} s per "
+            "validation, measured)"
+        )
+
     def _build(self) -> int:
         cfg, t = self.cfg, self.cfg.training
+        if t.time_budget_minutes > 0:
+            self._steps_for_budget()  # before the LR schedule is built
         mx.random.seed(t.seed)
         self.model = Model(cfg.model)
         self.optimizer = build_optimizer(self.model, t)
@@ -179,12 +239,14 @@ class Trainer:
             self.log.info(f"resumed from {self.resume_path} at step {start}")
         else:
             self.best = math.inf
+        start = self.dist.broadcast_state(self.model, self.optimizer, start)
         mx.eval(self.model.parameters(), self.optimizer.state)
-        self.compute_dtype = resolve_precision(t.precision)
+        self.compute_dtype = dtype = resolve_precision(t.precision)
         self.train_step = make_train_step(
-            self.model, self.optimizer, t, self.compute_dtype, compile=t.compile
+            self.model, self.optimizer, t, dtype, t.compile, self.dist.group
         )
-        self.eval_fn = make_eval_fn(self.model, compile=t.compile)
+        streams = resolve_streams(t.streams, self.dist.world)
+        self.eval_fn = make_eval_fn(self.model, t.compile, streams)
         self.evaluator = Evaluator(
             self.val_data, t.batch_size, cfg.eval.max_tokens, self.tokenizer.decode
         )
@@ -210,6 +272,9 @@ class Trainer:
             f"({t.batch_size} x {t.grad_accum_steps} x {m.context_length}); "
             f"steps {start} -> {t.max_steps}"
         )
+        if self.dist.world > 1:
+            self.log.info(f"data-parallel: {self.dist.world} ranks, {self.accum} x "
+                          f"{t.batch_size} windows each per step")  # fmt: skip
         self.log.write_config(dump_config(cfg))
 
     # ------------------------------------------------------------------- loop
@@ -220,7 +285,8 @@ class Trainer:
             self._announce(start)
             self.log.truncate_after(start)
             code = self._loop(start)
-        report.after_training(self.log_dir, self.log)  # plot + report.md; only warns
+        if self.dist.main:  # plot + report.md; only warns
+            report.after_training(self.log_dir, self.log)
         return code
 
     def _loop(self, start: int) -> int:
@@ -229,16 +295,23 @@ class Trainer:
         self.pending: list[tuple[int, mx.array, mx.array, mx.array, mx.array]] = []
         self.consecutive_bad = 0
         self.tic, self.tic_step = time.perf_counter(), start
-        step = start
-        while step < t.max_steps and not self.stop.requested:
+        rows = self.dist.rows(t.batch_size * self.accum)  # this rank's share
+        step, stopping = start, False
+        while step < t.max_steps and not stopping:
             batch = self.train_data.batch(
-                t.seed, step, t.batch_size * t.grad_accum_steps
+                t.seed, step, t.batch_size * t.grad_accum_steps, rows
             )
-            batch = batch.reshape(t.grad_accum_steps, t.batch_size, -1)
-            mx.random.seed(step_seed(t.seed, step))
+            batch = batch.reshape(self.accum, t.batch_size, -1)
+            mx.random.seed(step_seed(t.seed, step, self.dist.rank))
             loss, grad_norm, ok = self.train_step(mx.array(batch, dtype=mx.int32))
             lr = self.optimizer.learning_rate
-            mx.eval(self.model.state, self.optimizer.state, loss, grad_norm, ok, lr)
+            # Ranks must stop at the same step: the flags they had when the step
+            # began are summed with it (no extra sync); see _stopping.
+            stop = self.dist.any(self.stop.requested)
+            mx.eval(
+                self.model.state, self.optimizer.state, loss, grad_norm, ok, lr, stop
+            )
+            stopping = self._stopping(stop)
             step += 1
             self.bar.update(1)
             self.pending.append((step, loss, grad_norm, ok, lr))
@@ -252,19 +325,24 @@ class Trainer:
                 if not self._flush(step):
                     return 1
             metric = None
-            if eval_now and not self.stop.requested:  # a stop saves without eval
+            if eval_now and not stopping:  # a stop saves without eval
                 metric = self._evaluate(step)
-            # A signal that arrived during this step or its evaluation saves it now.
-            if save_now or self.stop.requested:
+            stopping = self._stopping(stop)  # one process: also a signal during eval
+            if save_now or stopping:
                 if not self._flush(step):
                     return 1
                 self._save(step, metric)
             if eval_now or save_now:
                 self.tic = time.perf_counter()  # keep eval/save out of tokens/s
         self.bar.close()
-        if self.stop.requested:
+        if stopping:
             self.log.info(f"stopped by signal; saved step {step}")
         return 0
+
+    def _stopping(self, stop: mx.array) -> bool:
+        """Whether to save and stop now. Ranks use the flags summed with the step;
+        one process also takes a signal that came during the step at once."""
+        return self.stop.requested if self.dist.world == 1 else stop.item()
 
     def _flush(self, step: int) -> bool:
         """Write the buffered step rows; False when too many steps in a row failed."""
@@ -289,11 +367,11 @@ class Trainer:
 
     def _evaluate(self, step: int) -> float:
         self.model.eval()
-        result = self.evaluator(self.eval_fn)
+        result = self.evaluator(self.eval_fn, self.dist.rank, self.dist.world)
         self.model.train()
         self.log.eval_row(step, result.as_dict())
         for prompt in self.cfg.eval.sample_prompts:
-            if self.cfg.eval.sample_tokens:
+            if self.cfg.eval.sample_tokens and self.dist.main:
                 self.log.sample(step, prompt, self.sample(prompt))
         return result.loss
 
@@ -315,6 +393,11 @@ class Trainer:
 
     def _save(self, step: int, metric: float | None) -> None:
         cfg = self.cfg
+        if self.dist.world > 1:  # rank 0 writes; the others wait at the barrier
+            self.log.info(self.dist.check_in_sync(step, self.model.parameters()))
+            if not self.dist.main:
+                self.dist.barrier()
+                return
         if metric is not None and metric < self.best:
             self.best = metric
         meta = {
@@ -323,7 +406,7 @@ class Trainer:
             "data_position": {"seed": cfg.training.seed, "next_step": step},
             "seed": cfg.training.seed,
             "tokenizer_sha256": self.tokenizer.sha256,
-            "world_size": 1,
+            "world_size": self.dist.world,
             "val_loss": metric,
             "best_val_loss": self.best if math.isfinite(self.best) else None,
             "mlx_version": mx.__version__,
@@ -339,6 +422,7 @@ class Trainer:
             metric=metric,
         )
         self.log.info(f"saved {path}")
+        self.dist.barrier()  # a failed save fails every rank, not only rank 0
 
 
 if __name__ == "__main__":

@@ -77,6 +77,22 @@ def test_compiled_equals_eager(dropout):
         )
 
 
+@pytest.mark.parametrize("streams", [2, 3, 8])
+def test_rows_split_over_streams_equal_one_stream(streams):
+    """The fast path (each micro-batch's rows split over CPU streams, compiled) gives
+    the single-stream eager step's losses and weights; 3 streams split 4 rows
+    unevenly, 8 streams are more than the rows."""
+    data = batches(4)
+    m1, o1, s1, _ = setup(compile=True, streams=streams)
+    m2, o2, s2, _ = setup(compile=False, streams=1)
+    l1, l2 = run(s1, m1, o1, data), run(s2, m2, o2, data)
+    assert np.allclose(l1, l2, rtol=1e-5, atol=1e-6), (l1, l2)
+    for (k, a), (_, b) in zip(
+        tree_flatten(m1.parameters()), tree_flatten(m2.parameters())
+    ):
+        assert mx.abs(a - b).max().item() < 1e-5, k
+
+
 def test_accumulation_equals_big_batch():
     """2 micro-batches of 4 == one batch of 8 (same mean loss and update)."""
     data = batches(3, accum=2)
