@@ -79,3 +79,23 @@ def steps_for_budget(
     per_step_all = per_step + (per_eval / e.interval if e.interval else 0.0)
     steps = int(MARGIN * (seconds_left - per_eval) / per_step_all)
     return max(1, steps), per_step, per_eval
+
+
+def fix_max_steps(cfg: Config, resume_meta: dict | None, dist, elapsed: float) -> str:
+    """Set cfg.training.max_steps for the time budget, `elapsed` seconds of which are
+    spent: a resumed run's own step count, else what fits (rank 0's measurement on
+    every rank of a data-parallel `dist`). Returns the line to log."""
+    t = cfg.training
+    meta = resume_meta
+    kept = dist.agree(meta["config"]["training"]["max_steps"] if meta else 0)
+    if kept:
+        t.max_steps = kept
+        return f"time budget: the resumed run keeps its {kept} steps"
+    left = t.time_budget_minutes * 60 - elapsed
+    steps, per_step, per_eval = steps_for_budget(cfg, left, dist.group)
+    t.max_steps = dist.agree(steps)
+    return (
+        f"time budget {t.time_budget_minutes:g} min: {t.max_steps} steps fit in the "
+        f"{left:.0f} s left ({per_step:.3f} s/step, {per_eval:.1f} s per validation, "
+        "measured)"
+    )

@@ -191,31 +191,13 @@ class Trainer:
 
     # ------------------------------------------------------------------ setup
 
-    def _steps_for_budget(self) -> None:
-        """training.time_budget_minutes -> training.max_steps (src/budget.py): what
-        fits in the time left, or a resumed run's own step count."""
-        t = self.cfg.training
-        meta = self.resume_meta
-        kept = self.dist.agree(meta["config"]["training"]["max_steps"] if meta else 0)
-        if kept:
-            t.max_steps = kept
-            self.log.info(f"time budget: the resumed run keeps its {kept} steps")
-            return
-        left = t.time_budget_minutes * 60 - (time.monotonic() - self.started)
-        steps, per_step, per_eval = budget.steps_for_budget(
-            self.cfg, left, self.dist.group
-        )
-        t.max_steps = self.dist.agree(steps)
-        self.log.info(
-            f"time budget {t.time_budget_minutes:g} min: {t.max_steps} steps fit in "
-            f"the {left:.0f} s left ({per_step:.3f} s/step, {per_eval:.1f} s per "
-            "validation, measured)"
-        )
-
     def _build(self) -> int:
         cfg, t = self.cfg, self.cfg.training
-        if t.time_budget_minutes > 0:
-            self._steps_for_budget()  # before the LR schedule is built
+        if t.time_budget_minutes > 0:  # before the LR schedule is built
+            elapsed = time.monotonic() - self.started
+            self.log.info(
+                budget.fix_max_steps(cfg, self.resume_meta, self.dist, elapsed)
+            )
         mx.random.seed(t.seed)
         self.model = Model(cfg.model)
         self.optimizer = build_optimizer(self.model, t)
