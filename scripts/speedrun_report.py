@@ -56,6 +56,7 @@ def score(run_log: Path, checkpoint: str) -> dict:
         import baseline_gpt2
 
         baseline = baseline_gpt2.load(run_log / "baseline")
+    ours_fn = make_eval_fn(model)
     rows = []
     for name, path, delimiter in EVAL_SETS:
         if not path.exists():
@@ -67,7 +68,7 @@ def score(run_log: Path, checkpoint: str) -> dict:
             loader = TokenLoader(Path(tmp) / "t.bin", L, model.config.vocab_size)
             ev = Evaluator(loader, 16, MAX_TOKENS, tok.decode)
         row = {"set": name, "path": str(path), "tokens": ev.tokens, "bytes": ev.bytes}
-        row["ours_bpb"] = ev(make_eval_fn(model)).bits_per_byte
+        row["ours_bpb"] = ev(ours_fn).bits_per_byte
         if baseline is not None:
             fn = lambda b: mx.array(baseline_gpt2.loss_sum(baseline, b))  # noqa: E731
             row["baseline_bpb"] = ev(fn).bits_per_byte

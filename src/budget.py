@@ -18,6 +18,7 @@ import time
 import mlx.core as mx
 
 from .config import Config
+from .distributed import ONE_PROCESS, Dist
 from .generate import generate_tokens
 from .model import Model
 from .optim import build_optimizer
@@ -39,18 +40,17 @@ def _median_seconds(fn, repeats: int) -> float:
 
 
 def steps_for_budget(
-    cfg: Config, seconds_left: float, group: mx.distributed.Group | None = None
+    cfg: Config, seconds_left: float, dist: Dist = ONE_PROCESS
 ) -> tuple[int, float, float]:
     """(steps of `cfg` that fit in `seconds_left` on this machine, seconds per
-    step, seconds per validation with its samples). With a data-parallel `group`,
+    step, seconds per validation with its samples). With data-parallel ranks,
     every rank must call it (the timed steps include the gradient all-reduce)."""
     m, t, e = cfg.model, cfg.training, cfg.eval
-    world = group.size() if group is not None else 1
     model = Model(m)
     optimizer = build_optimizer(model, t)
     dtype = resolve_precision(t.precision)
-    step = make_train_step(model, optimizer, t, dtype, group=group)
-    accum = max(1, t.grad_accum_steps // world)
+    step = make_train_step(model, optimizer, t, dtype, group=dist.group)
+    accum = dist.local_accum(t.grad_accum_steps)
     tokens = mx.random.randint(
         0, m.vocab_size, (accum, t.batch_size, m.context_length + 1)
     )
@@ -66,7 +66,7 @@ def steps_for_budget(
     per_eval = 0.0
     if e.interval:
         model.eval()
-        eval_fn = make_eval_fn(model, streams=resolve_streams(t.streams, world))
+        eval_fn = make_eval_fn(model, streams=resolve_streams(t.streams, dist.world))
         mx.eval(eval_fn(tokens[0]))
         batches = math.ceil(e.max_tokens / (t.batch_size * m.context_length))
         per_eval = batches * _median_seconds(lambda: mx.eval(eval_fn(tokens[0])), 2)
@@ -81,7 +81,9 @@ def steps_for_budget(
     return max(1, steps), per_step, per_eval
 
 
-def fix_max_steps(cfg: Config, resume_meta: dict | None, dist, elapsed: float) -> str:
+def fix_max_steps(
+    cfg: Config, resume_meta: dict | None, dist: Dist, elapsed: float
+) -> str:
     """Set cfg.training.max_steps for the time budget, `elapsed` seconds of which are
     spent: a resumed run's own step count, else what fits (rank 0's measurement on
     every rank of a data-parallel `dist`). Returns the line to log."""
@@ -92,7 +94,7 @@ def fix_max_steps(cfg: Config, resume_meta: dict | None, dist, elapsed: float) -
         t.max_steps = kept
         return f"time budget: the resumed run keeps its {kept} steps"
     left = t.time_budget_minutes * 60 - elapsed
-    steps, per_step, per_eval = steps_for_budget(cfg, left, dist.group)
+    steps, per_step, per_eval = steps_for_budget(cfg, left, dist)
     t.max_steps = dist.agree(steps)
     return (
         f"time budget {t.time_budget_minutes:g} min: {t.max_steps} steps fit in the "

@@ -1,4 +1,5 @@
-"""Start-up guards for a run directory: prove it writable, and lock it.
+"""Start-up guards for a run directory: prove it writable, lock it, and decide
+between resuming, refusing and starting over.
 
 Both run before anything is allocated, so a bad output folder or a second trainer
 on the same run fails in the first second, not at the first save hours later.
@@ -9,9 +10,12 @@ from __future__ import annotations
 
 import fcntl
 import os
+import shutil
 from pathlib import Path
 
+from . import checkpoint as ckpt
 from .checkpoint import CheckpointError
+from .config import ConfigError
 
 
 def check_writable(directory) -> Path:
@@ -82,3 +86,30 @@ class RunLock:
 
     def __exit__(self, *exc) -> None:
         self.release()
+
+
+def resume_or_clear(
+    ckpt_dir: Path, log_dir: Path, resume: str | None, overwrite: bool, warn
+) -> Path | None:
+    """The checkpoint to resume from (`--resume auto|PATH`), or None for a fresh
+    start: refused if the run already has checkpoints, unless `overwrite`, which
+    empties the run's checkpoint and log folders (keeping the lock)."""
+    existing = ckpt.list_checkpoints(ckpt_dir)
+    if resume:
+        return ckpt.resolve_resume(resume, ckpt_dir, warn=warn)
+    if existing and not overwrite:
+        raise ConfigError(
+            f"{ckpt_dir} already has checkpoints (newest {existing[-1].name}); "
+            "pass --resume auto to continue it, --overwrite to start over, "
+            "or pick another name with --set run_name=NAME"
+        )
+    if overwrite:
+        for folder in (ckpt_dir, log_dir):
+            for path in folder.iterdir():
+                if path.name == ".lock":
+                    continue
+                if path.is_dir() and not path.is_symlink():
+                    shutil.rmtree(path)
+                else:
+                    path.unlink()
+    return None

@@ -80,9 +80,17 @@ def _shards(batch: mx.array, streams: list[mx.Stream] | None):
     return [(streams[i], batch[bounds[i] : bounds[i + 1]]) for i in range(n)]
 
 
-def _summed_loss(model, rows: mx.array, label_smoothing: float = 0.0) -> mx.array:
-    logits = model(rows[:, :-1]).astype(mx.float32)
-    return kernels.cross_entropy(logits, rows[:, 1:], label_smoothing).sum()
+def summed_loss(
+    model, batch: mx.array, streams: list[mx.Stream] | None = None, smoothing=0.0
+) -> mx.array:
+    """Summed next-token cross-entropy of `batch` (B, L+1) in fp32; its rows are
+    split across `streams` (their backward runs on the same streams)."""
+    total = mx.array(0.0)
+    for stream, rows in _shards(batch, streams):
+        with mx.stream(stream) if stream is not None else contextlib.nullcontext():
+            logits = model(rows[:, :-1]).astype(mx.float32)
+            total = total + kernels.cross_entropy(logits, rows[:, 1:], smoothing).sum()
+    return total
 
 
 def loss_fn(
@@ -91,12 +99,8 @@ def loss_fn(
     label_smoothing: float = 0.0,
     streams: list[mx.Stream] | None = None,
 ) -> mx.array:
-    """Mean next-token cross-entropy of `batch` (B, L+1), computed in fp32; the rows
-    are split across `streams` (their backward runs on the same streams)."""
-    total = mx.array(0.0)
-    for stream, rows in _shards(batch, streams):
-        with mx.stream(stream) if stream is not None else contextlib.nullcontext():
-            total = total + _summed_loss(model, rows, label_smoothing)
+    """Mean next-token cross-entropy of `batch` (B, L+1) (see `summed_loss`)."""
+    total = summed_loss(model, batch, streams, label_smoothing)
     return total / (batch.shape[0] * (batch.shape[1] - 1))
 
 
@@ -182,11 +186,7 @@ def make_eval_fn(
     """eval(batch (B, L+1)) -> summed next-token loss in nats (fp32 weights)."""
 
     def total_loss(batch: mx.array) -> mx.array:
-        total = mx.array(0.0)
-        for stream, rows in _shards(batch, streams):
-            with mx.stream(stream) if stream is not None else contextlib.nullcontext():
-                total = total + _summed_loss(model, rows)
-        return total
+        return summed_loss(model, batch, streams)
 
     return mx.compile(total_loss, inputs=[model.state]) if compile else total_loss
 

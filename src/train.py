@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import math
-import shutil
 import sys
 import time
 from pathlib import Path
@@ -33,7 +32,7 @@ from .generate import generate_tokens
 from .launch import add_launch_arguments, launch
 from .model import Model, estimate_training_memory
 from .optim import build_optimizer, load_optimizer_state
-from .rundir import RunLock, check_writable
+from .rundir import RunLock, check_writable, resume_or_clear
 from .runlog import RunLog, StopSignal, check_resume_compatible, fmt_bytes
 from .step import (
     make_eval_fn,
@@ -140,7 +139,9 @@ class Trainer:
         self.ckpt_dir, self.log_dir = ckpt_dir, log_dir
         self.resume_path = None  # rank 0 alone reads (or clears) checkpoints
         if dist.main:
-            self.resume_path = self._resolve_resume(resume, overwrite)
+            self.resume_path = resume_or_clear(
+                ckpt_dir, log_dir, resume, overwrite, _warn
+            )
 
         self.tokenizer = Tokenizer.load(cfg.data.tokenizer_path)
         if self.tokenizer.vocab_size > m.vocab_size:
@@ -167,27 +168,6 @@ class Trainer:
             self.log = distributed.FollowerLog()
         self.stop = StopSignal()
         self.tokens_per_step = t.batch_size * t.grad_accum_steps * m.context_length
-
-    def _resolve_resume(self, resume: str | None, overwrite: bool) -> Path | None:
-        existing = ckpt.list_checkpoints(self.ckpt_dir)
-        if resume:
-            return ckpt.resolve_resume(resume, self.ckpt_dir, warn=_warn)
-        if existing and not overwrite:
-            raise ConfigError(
-                f"{self.ckpt_dir} already has checkpoints (newest {existing[-1].name}); "
-                "pass --resume auto to continue it, --overwrite to start over, "
-                "or pick another name with --set run_name=NAME"
-            )
-        if overwrite:
-            for folder in (self.ckpt_dir, self.log_dir):
-                for path in folder.iterdir():
-                    if path.name == ".lock":
-                        continue
-                    if path.is_dir() and not path.is_symlink():
-                        shutil.rmtree(path)
-                    else:
-                        path.unlink()
-        return None
 
     # ------------------------------------------------------------------ setup
 

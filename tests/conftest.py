@@ -70,12 +70,13 @@ def tiny_dataset(tiny_corpus, tmp_path_factory) -> dict:
 def train_tiny(tiny_dataset):
     """A function that trains configs/tiny.yaml on the tiny dataset through the real
     CLI, with checkpoints and logs under `out` and config overrides as keyword
-    arguments (`training__max_steps=20` for training.max_steps=20). It returns the
-    run's checkpoint and log folders."""
+    arguments (`training__max_steps=20` for training.max_steps=20) and further CLI
+    arguments positionally (e.g. "--resume", "auto"). It returns the run's
+    checkpoint and log folders."""
     import subprocess
     import sys
 
-    def train(out: Path, **overrides) -> tuple[Path, Path]:
+    def train(out: Path, *extra: str, **overrides) -> tuple[Path, Path]:
         sets = {
             "data.train_path": tiny_dataset["train"],
             "data.val_path": tiny_dataset["val"],
@@ -87,7 +88,8 @@ def train_tiny(tiny_dataset):
         sets.update({k.replace("__", "."): v for k, v in overrides.items()})
         args = [a for k, v in sets.items() for a in ("--set", f"{k}={v}")]
         proc = subprocess.run(
-            [sys.executable, "-m", "src.train", "--config", "configs/tiny.yaml", *args],
+            [sys.executable, "-m", "src.train", "--config", "configs/tiny.yaml", *args,
+             *extra],
             cwd=ROOT, capture_output=True, text=True, timeout=300,
         )  # fmt: skip
         assert proc.returncode == 0, proc.stderr[-3000:]

@@ -2,12 +2,8 @@
 is written into the checkpoints, and a resumed run keeps it."""
 
 import json
-import subprocess
-import sys
 import time
-from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
 BUDGET_MIN = 0.25
 
 
@@ -31,18 +27,12 @@ def test_time_budget_fixes_the_step_count(train_tiny, tmp_path):
     assert 0.5 * BUDGET_MIN * 60 < wall < 2.0 * BUDGET_MIN * 60 + 10, wall
 
     # Resume (more budget): the run keeps its measured step count and is finished.
-    proc = subprocess.run(
-        [sys.executable, "-m", "src.train", "--config", "configs/tiny.yaml",
-         "--resume", "auto",
-         "--set", f"checkpoint.dir={tmp_path / 'ck'}",
-         "--set", f"logging.dir={tmp_path / 'logs'}",
-         "--set", f"data.train_path={meta['config']['data']['train_path']}",
-         "--set", f"data.val_path={meta['config']['data']['val_path']}",
-         "--set", f"data.tokenizer_path={meta['config']['data']['tokenizer_path']}",
-         "--set", "logging.progress_bar=false",
-         "--set", "training.time_budget_minutes=5",
-         "--set", "training.max_steps=100000"],
-        cwd=ROOT, capture_output=True, text=True, timeout=120,
-    )  # fmt: skip
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    assert f"the resumed run keeps its {steps} steps" in proc.stderr, proc.stderr
+    train_tiny(
+        tmp_path,
+        "--resume",
+        "auto",
+        training__time_budget_minutes=5,
+        training__max_steps=100_000,
+    )
+    log = (logs / "train.log").read_text()
+    assert f"the resumed run keeps its {steps} steps" in log, log
