@@ -89,13 +89,15 @@ def models(config: str, context: int):
     return ours, theirs, cfg
 
 
-def ours_decode(model, tok, prompt, new, batch=1) -> tuple[float, float]:
-    """(decode tokens/s over all rows, prefill tokens/s)."""
+def ours_decode(model, tok, prompt, new, batch=1, compiled=True) -> tuple[float, float]:
+    """(decode tokens/s over all rows, prefill tokens/s); `compiled=False` runs
+    the eager decode step (the reference the compiled one is tested against)."""
     s = Sampling(temperature=0, max_tokens=new)
     streamers = [TextStreamer(tok) for _ in range(batch)]
     x = mx.array([prompt] * batch)
     t0 = time.perf_counter()
-    for n, y in enumerate(generate_step(model, x, s, make_cache(model))):
+    steps = generate_step(model, x, s, make_cache(model), compiled=compiled)
+    for n, y in enumerate(steps):
         for st, t in zip(streamers, y.tolist()):
             st.add(t)
         if n == 0:
@@ -115,12 +117,13 @@ def theirs_decode(model, tok, prompt, new) -> tuple[float, float]:
     return (new - 1) / (t2 - t1), len(prompt) / (t1 - t0)
 
 
-def median(ours, theirs, repeats: int) -> tuple[float, float]:
-    """Median of `repeats` runs of each, taken in turns; each run returns a number
-    or a (decode, prefill) pair of which the first counts."""
+def medians(*runs, repeats: int) -> list[float]:
+    """Median of `repeats` calls of each function, taken in turns (so all see the
+    same machine load); a call returns a number or a (decode, prefill) pair of
+    which the first counts."""
     first = lambda r: r[0] if isinstance(r, tuple) else r  # noqa: E731
-    runs = [(first(ours()), first(theirs())) for _ in range(repeats)]
-    return statistics.median(r[0] for r in runs), statistics.median(r[1] for r in runs)
+    got = [[first(run()) for run in runs] for _ in range(repeats)]
+    return [statistics.median(g[i] for g in got) for i in range(len(runs))]
 
 
 def bench(name: str, new: int, repeats: int, tok: ToyTokenizer) -> None:
@@ -129,26 +132,28 @@ def bench(name: str, new: int, repeats: int, tok: ToyTokenizer) -> None:
     long = mx.random.randint(0, cfg.vocab_size, (1000,)).tolist()
     wrapped = wrap_for_mlx_lm(tok)
     ours_decode(ours, tok, short, 8), theirs_decode(theirs, wrapped, short, 8)
-    # ours and theirs alternate, so both see the same machine load
-    o, t = median(
+    ours_decode(ours, tok, short, new)  # traces the compiled step's windows
+    o, t, eager = medians(
         lambda: ours_decode(ours, tok, short, new),
         lambda: theirs_decode(theirs, wrapped, short, new),
-        repeats,
+        lambda: ours_decode(ours, tok, short, new, compiled=False),
+        repeats=repeats,
     )
-    pre_o, pre_t = median(
+    pre_o, pre_t = medians(
         lambda: ours_decode(ours, tok, long, 2)[1],
         lambda: theirs_decode(theirs, wrapped, long, 2)[1],
-        repeats,
+        repeats=repeats,
     )
-    b1, b8 = median(
-        lambda: ours_decode(ours, tok, short, new)[0],
-        lambda: ours_decode(ours, tok, short, new, batch=8)[0],
-        repeats,
+    b1, b8 = medians(
+        lambda: ours_decode(ours, tok, short, new),
+        lambda: ours_decode(ours, tok, short, new, batch=8),
+        repeats=repeats,
     )
     params = ours.num_params() / 1e6
     print(f"\n{name} (d={cfg.d_model}, layers={cfg.n_layers}, vocab={cfg.vocab_size}, "
           f"{params:.1f}M params)")  # fmt: skip
-    print(f"  decode tok/s   ours {o:8,.0f}   mlx-lm {t:8,.0f}   ratio {o / t:.2f}x")
+    print(f"  decode tok/s   ours {o:8,.0f}   mlx-lm {t:8,.0f}   ratio {o / t:.2f}x "
+          f"(ours with the eager step: {eager:,.0f}, {eager / t:.2f}x)")  # fmt: skip
     print(f"  prefill tok/s  ours {pre_o:8,.0f}   mlx-lm {pre_t:8,.0f}   ratio "
           f"{pre_o / pre_t:.2f}x (1,000-token prompt)")  # fmt: skip
     print(f"  batch 8 decode ours {b8:8,.0f} tok/s in all = {b8 / b1:.1f}x batch 1")

@@ -11,35 +11,13 @@ from __future__ import annotations
 
 import dataclasses
 import sys
-from dataclasses import dataclass
 
 import mlx.core as mx
 
 from .generate import Stats, generate_step, make_cache
 from .sampling import Sampling
+from .template import CHAT, PLAIN, Template
 from .textgen import TextStreamer
-
-
-@dataclass(frozen=True)
-class Template:
-    """How turns become text (the one place that says so). Markers such as
-    "<|user|>" inside these strings encode to their reserved token ids."""
-
-    name: str
-    system: str  # "{}" is the system prompt
-    user: str  # "{}" is the user's text; ends where the reply starts
-    reply_end: str  # appended after each reply
-    stop_markers: tuple[str, ...]  # tokens that end a reply, besides EOS
-
-
-CHAT = Template(
-    "chat",
-    "<|system|>{}<|end|>",
-    "<|user|>{}<|end|><|assistant|>",
-    "<|end|>",
-    ("<|end|>",),
-)
-PLAIN = Template("plain", "{}\n", "{}", "\n", ())
 
 
 def pick_template(name: str, tokenizer, meta: dict) -> Template:
@@ -231,4 +209,8 @@ def repl(
             if not command(chat, line):
                 return 0
         elif line.strip():
-            chat.say(line)
+            try:
+                chat.say(line)
+            except KeyboardInterrupt:  # before the reply began: no cache to trust
+                print(" [stopped]", file=out)
+                chat.cache = make_cache(chat.model)  # refilled from chat.tokens

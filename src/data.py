@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import time
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -200,7 +201,7 @@ def _add_prepare(sub) -> None:
         "--workers",
         type=_positive_int,
         metavar="N",
-        help="processes that filter and encode (default: one per core; the "
+        help="processes that read, filter and encode (default: one per core; the "
         "output is the same for any N)",
     )
 
@@ -269,6 +270,7 @@ def _prepare(args) -> None:
     else:
         source = args.input
     quality = QualityFilter(args.min_words, args.max_repetition)
+    start = time.perf_counter()
     meta = prepare_dataset(
         source,
         args.tokenizer,
@@ -282,11 +284,17 @@ def _prepare(args) -> None:
         bos=args.bos,
         workers=args.workers,
     )
+    secs = time.perf_counter() - start
     for s, info in meta["splits"].items():
         out = Path(args.output) / info["file"]
         print(f"{s}: {info['docs']} docs, {info['n_tokens']} tokens -> {out}")
     print("dropped: " + ", ".join(f"{n} {k}" for k, n in meta["dropped"].items()))
     print(f"duplicates dropped: {meta['duplicates_dropped']}")
+    n = sum(info["n_tokens"] for info in meta["splits"].values())
+    print(
+        f"encoded {n:,} tokens in {secs:.2f} s ({n / secs:,.0f} tokens/s, "
+        f"--workers {meta['workers']})"
+    )
 
 
 def _stats(args) -> None:

@@ -25,10 +25,11 @@ from dataclasses import dataclass
 import mlx.core as mx
 import mlx.nn as nn
 
-from .model import KVCache
+from .model import KVCache, attention_mask
 from .sampling import Sampling, make_processors, make_sampler
 
 PREFILL_CHUNK = 512
+DECODE_BUCKET = 128  # the compiled step attends over windows of this many positions
 
 
 @dataclass
@@ -52,9 +53,85 @@ class Stats:
         )
 
 
-def make_cache(model: nn.Module) -> list[KVCache]:
-    """One KV cache per layer, preallocated to the context at the first prefill."""
-    return model.make_cache(step=model.config.context_length)
+def make_cache(model: nn.Module, pad: mx.array | None = None) -> list[KVCache]:
+    """One KV cache per layer, preallocated to the context at the first prefill;
+    `pad` (B,) left-padding per row (see `KVCache`)."""
+    return model.make_cache(step=model.config.context_length, pad=pad)
+
+
+class _Window:
+    """One layer's cache as the compiled decode step sees it: the whole buffers,
+    written at `offset` (an array, so one trace serves every position) and
+    attended over their first `width` positions, the rest masked."""
+
+    def __init__(self, keys, values, offset, width, pad):
+        self.keys, self.values, self.offset = keys, values, offset
+        self.width, self.pad = width, pad
+
+    def update_and_fetch(self, k: mx.array, v: mx.array) -> tuple[mx.array, mx.array]:
+        at = self.offset.reshape(1)
+        self.keys = mx.slice_update(self.keys, k, at, axes=(2,))
+        self.values = mx.slice_update(self.values, v, at, axes=(2,))
+        return self.keys[:, :, : self.width], self.values[:, :, : self.width]
+
+    def make_mask(self, L: int) -> mx.array:
+        return attention_mask(self.pad, self.offset, L, self.width)
+
+
+class Decoder:
+    """Decode steps (one new token per row) through an `mx.compile`d forward pass.
+
+    Compiling fuses the per-token element-wise work (norms, RoPE, SiLU, residuals)
+    and removes most of the graph-building cost of the eager step; decoding small
+    models is dominated by that overhead, not by the matmuls. A compiled graph has
+    fixed shapes, so attention runs over the first `width` positions of the
+    preallocated cache, `width` the position rounded up to `bucket`: one trace per
+    window size (at most context / bucket), each used for `bucket` positions.
+    The weights are an input of the compiled function (`inputs=model.state`), so
+    a model trained or quantized between calls is seen as it is."""
+
+    def __init__(self, model: nn.Module, bucket: int = DECODE_BUCKET):
+        self.model, self.bucket = model, bucket
+        self._steps: dict[int, object] = {}
+
+    @classmethod
+    def of(cls, model: nn.Module) -> Decoder:
+        """The model's decoder, made at first use and kept (its traces with it)."""
+        if not isinstance(getattr(model, "_decoder", None), cls):
+            model._decoder = cls(model)  # a plain attribute, not a parameter
+        return model._decoder
+
+    @staticmethod
+    def fits(cache: list) -> bool:
+        """Whether the compiled step can run on `cache`: our KVCache, allocated."""
+        c = cache[0]
+        return (
+            isinstance(c, KVCache) and c.keys is not None and c.offset < c.keys.shape[2]
+        )
+
+    def __call__(self, tokens: mx.array, cache: list[KVCache]) -> mx.array:
+        """Logits (B, V) of `tokens` (B, 1) at the cache's offset; advances the cache."""
+        c0 = cache[0]
+        width = min(self.bucket * (c0.offset // self.bucket + 1), c0.keys.shape[2])
+        step = self._steps.get(width)
+        if step is None:
+            step = mx.compile(self._forward(width), inputs=self.model.state)
+            self._steps[width] = step
+        pad = [] if c0.pad is None else [c0.pad]
+        keys, values = [c.keys for c in cache], [c.values for c in cache]
+        logits, keys, values = step(tokens, mx.array(c0.offset), keys, values, pad)
+        for c, k, v in zip(cache, keys, values):
+            c.keys, c.values, c.offset = k, v, c.offset + 1
+        return logits
+
+    def _forward(self, width: int):
+        def forward(tokens, offset, keys, values, pad):
+            pad = pad[0] if pad else None
+            views = [_Window(k, v, offset, width, pad) for k, v in zip(keys, values)]
+            logits = self.model(tokens, cache=views)[:, -1, :]
+            return logits, [w.keys for w in views], [w.values for w in views]
+
+        return forward
 
 
 def fit_prompt(ids: Sequence[int], context: int, reserve: int = 0) -> list[int]:
@@ -92,12 +169,14 @@ def generate_step(
     max_new_tokens: int | None = None,
     stats: Stats | None = None,
     prefill_chunk: int = PREFILL_CHUNK,
+    compiled: bool = True,
 ) -> Iterator[mx.array]:
     """Yield next-token arrays (B,) continuing `prompt` (B, L) on top of `cache`.
 
     `history` (B, T) is every token the cache and prompt hold, for the penalties
-    (default: the prompt). `cache=None` re-runs the whole sequence every step: the
-    slow reference the cached path is tested against. The caller stops on EOS;
+    (default: the prompt). Decode steps run through `Decoder` (compiled) unless
+    `compiled=False`; `cache=None` re-runs the whole sequence every step. Both are
+    the slow references the fast path is tested against. The caller stops on EOS;
     this stops after `max_new_tokens` (default `sampling.max_tokens`)."""
     n_new = sampling.max_tokens if max_new_tokens is None else max_new_tokens
     sampler = make_sampler(sampling, model.config.vocab_size)
@@ -123,6 +202,9 @@ def generate_step(
         logits = model(hist)[:, -1, :]
     else:
         logits = prefill(model, prompt, cache, prefill_chunk)
+    decoder = Decoder.of(model) if compiled and cache is not None else None
+    if decoder and not decoder.fits(cache):
+        decoder = None
     key, sub = mx.random.split(key) if draws else (key, key)
     y = pick(logits, hist, sub)
     mx.eval(y)
@@ -134,8 +216,12 @@ def generate_step(
                 hist = mx.concatenate([hist, y[:, None]], axis=1)
             if draws:
                 key, sub = mx.random.split(key)
-            window = y[:, None] if cache is not None else hist
-            next_y = pick(model(window, cache=cache)[:, -1, :], hist, sub)
+            if decoder:
+                logits = decoder(y[:, None], cache)
+            else:
+                window = y[:, None] if cache is not None else hist
+                logits = model(window, cache=cache)[:, -1, :]
+            next_y = pick(logits, hist, sub)
             mx.async_eval(next_y)
         stats.generated_tokens += y.shape[0]
         if n > 0:  # summed over calls, so one Stats can follow several batches

@@ -103,8 +103,10 @@ class Backbone(nn.Module):
     def __call__(self, tokens: mx.array, cache: list | None = None) -> mx.array:
         h = self.dropout(self.embed_tokens(tokens))  # (B, L, D)
         # "causal" lets the fused kernel build the mask; with a cache it is aligned to
-        # the end, so a chunk of new tokens sees the whole cached prefix.
-        mask = "causal" if h.shape[1] > 1 else None
+        # the end, so a chunk of new tokens sees the whole cached prefix. A cache
+        # with padded rows (or the compiled decode step's window) makes its own.
+        L = h.shape[1]
+        mask = cache[0].make_mask(L) if cache else ("causal" if L > 1 else None)
         cache = cache or [None] * len(self.layers)
         for layer, layer_cache in zip(self.layers, cache):
             if self.checkpoint_blocks and self.training:
@@ -161,9 +163,23 @@ class Model(nn.Module):
     def num_params(self) -> int:
         return sum(v.size for _, v in tree_flatten(self.parameters()))
 
-    def make_cache(self, step: int = 256) -> list[KVCache]:
-        """A fresh KV cache per layer, growing in blocks of `step` positions."""
-        return [KVCache(step) for _ in self.model.layers]
+    def make_cache(self, step: int = 256, pad: mx.array | None = None) -> list[KVCache]:
+        """A fresh KV cache per layer, growing in blocks of `step` positions; `pad`
+        as in `KVCache`."""
+        return [KVCache(step, pad) for _ in self.model.layers]
+
+
+def attention_mask(pad: mx.array | None, offset: Any, L: int, T: int) -> mx.array:
+    """Which of T key positions each of L new queries (at offset, offset+1, ...)
+    may see: causal, and, for rows left-padded by `pad` (B,) positions, never the
+    padding (a padding query sees itself, so its state stays finite). Bool,
+    (1 or B, 1, L, T). `offset` may be an array (the compiled decode step)."""
+    q = offset + mx.arange(L)[:, None]
+    k = mx.arange(T)[None]
+    ok = k <= q
+    if pad is None:
+        return ok[None, None]
+    return (ok & ((k >= pad[:, None, None]) | (k == q)))[:, None]
 
 
 class KVCache:
@@ -171,14 +187,25 @@ class KVCache:
 
     Storage grows in blocks of `step` positions (set `step` to the context to
     allocate once); `offset` counts the filled positions. Same interface as
-    mlx-lm's KVCache (`offset`, `update_and_fetch`, `trim`), without importing
-    mlx-lm (whose package import pulls in transformers and torch)."""
+    mlx-lm's KVCache (`offset`, `update_and_fetch`, `trim`, `make_mask`), without
+    importing mlx-lm (whose package import pulls in transformers and torch).
 
-    def __init__(self, step: int = 256):
+    `pad` (B,) holds how many positions each row was left-padded by, so rows of
+    unequal prompt lengths can share a batch: RoPE scores depend only on relative
+    positions, so a padded row computes what it would alone (up to rounding)."""
+
+    def __init__(self, step: int = 256, pad: mx.array | None = None):
         self.keys: mx.array | None = None
         self.values: mx.array | None = None
         self.offset = 0
         self.step = step
+        self.pad = pad
+
+    def make_mask(self, L: int) -> Any:
+        """The mask for L new tokens: "causal"/None unless rows are padded."""
+        if self.pad is None:
+            return "causal" if L > 1 else None
+        return attention_mask(self.pad, self.offset, L, self.offset + L)
 
     def update_and_fetch(self, k: mx.array, v: mx.array) -> tuple[mx.array, mx.array]:
         B, H, L, D = k.shape

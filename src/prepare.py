@@ -3,13 +3,15 @@ files. No MLX or torch here.
 
 Each document is stripped; empty, too short (fewer than `min_words` words) and
 highly repetitive ones (`src.documents.repetition`) are dropped and counted, then
-exact duplicates (same sha1 of the text). A document goes to val when the first 8
-bytes of its sha1, read as a number, fall below val_fraction * 2**64: the same
-text always lands on the same side, whatever the input order. Each document is
-written whole into its split as [BOS] tokens EOS. Filtering, hashing and encoding
-run in worker processes (`src.documents`), results come back in input order and
-are written as they go: memory is bounded by a few batches in flight plus 8 bytes
-per unique document for the duplicate check.
+exact duplicates (same 64-bit key: the first 8 bytes of the text's sha1; the first
+occurrence is kept). A document goes to val when its key falls below
+val_fraction * 2**64: the same text always lands on the same side, whatever the
+input order. Each document is written whole into its split as [BOS] tokens EOS.
+Reading, filtering, hashing and encoding run in worker processes
+(`src.workers`); each batch comes back, in input order, as a few numpy arrays,
+and the parent only picks the new documents and writes them, with numpy
+operations per batch rather than Python per document. Memory is bounded by a few
+batches in flight plus 8 bytes per unique document for the duplicate check.
 """
 
 from __future__ import annotations
@@ -32,16 +34,16 @@ from .corpus import (
     HubSource,
     describe,
     expand_inputs,
-    iter_corpus,
 )
 from .documents import (  # noqa: F401  (re-exported)
     DEFAULT_MAX_REPETITION,
     DEFAULT_MIN_WORDS,
-    BatchRunner,
+    REASONS,
+    Encoded,
     Job,
     QualityFilter,
     SeenHashes,
-    batched,
+    is_val,
     repetition,
     split_of,
 )
@@ -54,6 +56,7 @@ from .tokens import (
     open_tokens,
     read_header,
 )
+from .workers import RANGE_BYTES, BatchRunner, iter_tasks
 
 SPLITS = ("train", "val")
 META_FILE = "meta.json"
@@ -70,6 +73,42 @@ def _check_options(val_fraction, max_docs, max_tokens, filt: QualityFilter) -> N
         raise DataError("need --min-words >= 0 and --max-repetition in [0, 1]")
 
 
+def _taken(new, lengths, kept: int, written: int, max_docs, max_tokens) -> int:
+    """How many documents of a batch to take: document i is taken while fewer than
+    max_docs documents are kept and fewer than max_tokens tokens written before it
+    (new: the mask of the batch's documents to keep, lengths: their tokens)."""
+    stop = np.zeros(len(new), bool)
+    if max_docs is not None:
+        stop |= kept + np.cumsum(new) - new >= max_docs
+    if max_tokens is not None:
+        size = np.where(new, lengths, 0)
+        stop |= written + np.cumsum(size) - size >= max_tokens
+    return int(np.argmax(stop)) if stop.any() else len(new)
+
+
+def _count(enc: Encoded, new: np.ndarray, n: int, dropped: dict) -> None:
+    """Add the drop reasons of the first n documents of a batch to `dropped`."""
+    reasons = enc.reasons[:n]
+    counts = np.bincount(reasons, minlength=len(REASONS) + 1)
+    for i, reason in enumerate(REASONS, 1):
+        dropped[reason] += int(counts[i])
+    dropped["duplicate"] += int(np.count_nonzero((reasons == 0) & ~new[:n]))
+
+
+def _route(enc: Encoded, new: np.ndarray, n: int, val_fraction: float) -> dict:
+    """{split: (documents, tokens)} of the new documents among the first n of a
+    batch, in order."""
+    take = new.copy()
+    take[n:] = False
+    val = is_val(enc.keys, val_fraction)
+    encoded = enc.reasons == 0  # the documents whose tokens are in enc.tokens
+    out = {}
+    for split, mask in (("train", take & ~val), ("val", take & val)):
+        per_token = np.repeat(mask[encoded], enc.lengths[encoded])
+        out[split] = int(np.count_nonzero(mask)), enc.tokens[per_token]
+    return out
+
+
 def prepare_dataset(
     source: Iterable[str | Path] | HubSource,
     tokenizer: str | Path,
@@ -83,19 +122,23 @@ def prepare_dataset(
     bos: bool = False,
     workers: int | None = None,
     batch_docs: int = 512,
+    range_bytes: int = RANGE_BYTES,
 ) -> dict:
     """Local files (any kind `src.corpus` reads) or a hub dataset ->
     output/{train,val}.bin and meta.json; returns the meta.
 
     Stops after `max_docs` kept documents or once `max_tokens` tokens are written
     (whole documents: the last one may cross the limit). `workers` processes
-    filter and encode (default: one per core); the output does not depend on it.
+    read, filter and encode (default: one per core); the output does not depend
+    on it. A task is `range_bytes` of a .txt file (whole documents: more when one
+    is longer) or `batch_docs` texts of other sources.
     """
     quality = quality or QualityFilter()
     _check_options(val_fraction, max_docs, max_tokens, quality)
     tok = Tokenizer.load(tokenizer)
     if not isinstance(source, HubSource):
         source = expand_inputs(source, FOLDER_SUFFIXES)
+    workers = workers or os.cpu_count() or 1
     out = Path(output)
     out.mkdir(parents=True, exist_ok=True)
     (out / META_FILE).unlink(missing_ok=True)  # never a stale meta beside new bins
@@ -103,41 +146,28 @@ def prepare_dataset(
     docs = dict.fromkeys(SPLITS, 0)
     dropped = dict.fromkeys(DROP_REASONS, 0)
     written, start = 0, time.perf_counter()
-    job = Job(str(tok.dir / "tokenizer.model"), quality, val_fraction, bos)
-    texts = (text for text, _ in iter_corpus(source, delimiter, text_field))
+    job = Job(str(tok.dir / "tokenizer.model"), quality, bos)
+    tasks = iter_tasks(source, delimiter, text_field, batch_docs, range_bytes)
     with contextlib.ExitStack() as stack:
+        runner = stack.enter_context(BatchRunner(job, workers))
         files = {s: stack.enter_context(atomic_file(out / f"{s}.bin")) for s in SPLITS}
         writers = {s: TokenWriter(f, tok.vocab_size) for s, f in files.items()}
         bar = stack.enter_context(tqdm(unit=" docs", desc="prepare"))
-        runner = stack.enter_context(BatchRunner(job, workers or os.cpu_count() or 1))
-        results = stack.enter_context(
-            contextlib.closing(runner.map(batched(texts, batch_docs)))
-        )
-        done = False
-        for batch in results:
-            chunks: dict[str, list[np.ndarray]] = {s: [] for s in SPLITS}
-            known = seen.in_sorted([r.digest for r in batch])
-            for r, in_sorted in zip(batch, known, strict=True):
-                if done := (max_docs is not None and len(seen) >= max_docs) or (
-                    max_tokens is not None and written >= max_tokens
-                ):
-                    break
-                if r.reason:
-                    dropped[r.reason] += 1
-                elif not seen.add(r.digest, bool(in_sorted)):
-                    dropped["duplicate"] += 1
-                else:
-                    docs[r.split] += 1
-                    chunks[r.split].append(r.tokens)
-                    written += len(r.tokens)
-            seen.end_batch()
-            for s, arrays in chunks.items():
-                if arrays:
-                    writers[s].write(np.concatenate(arrays))
-            bar.update(len(batch))
+        results = stack.enter_context(contextlib.closing(runner.map(tasks)))
+        for enc in results:
+            new = seen.add(enc.keys, enc.reasons == 0)
+            kept = sum(docs.values())
+            n = _taken(new, enc.lengths, kept, written, max_docs, max_tokens)
+            _count(enc, new, n, dropped)
+            for s, (n_docs, tokens) in _route(enc, new, n, val_fraction).items():
+                docs[s] += n_docs
+                if tokens.size:
+                    writers[s].write(tokens)
+                    written += tokens.size
+            bar.update(n)
             rate = written / max(time.perf_counter() - start, 1e-9)
-            bar.set_postfix_str(f"{written:,} tokens, {rate:,.0f} tokens/s")
-            if done:
+            bar.set_postfix_str(f"{written:,} tokens, {rate:,.0f} tokens/s", False)
+            if n < len(new):  # a limit is reached
                 break
         for s, name in (("train", "training"), ("val", "validation")):
             if docs[s] == 0:
@@ -162,7 +192,7 @@ def prepare_dataset(
         "max_tokens": max_tokens,
         "filters": asdict(quality),
         "bos": bos,
-        "workers": workers or os.cpu_count() or 1,
+        "workers": workers,
         "eos": True,
         "dropped": dropped,
         "duplicates_dropped": dropped["duplicate"],

@@ -3,9 +3,10 @@ ids into text deltas, and completion of prompts one at a time or in batches.
 
 `TextStreamer` never splits a multi-byte character (byte-fallback tokens decode to
 U+FFFD until their character is complete) and never shows the start of a stop
-string. A batch holds prompts of the same token count: the model's attention has
-no padding mask, so rows of different lengths cannot share a step; with
-temperature > 0 a batched row draws other random numbers than it would alone.
+string. A batch may hold prompts of different token counts: shorter ones are
+left-padded and the cache masks the padding (`src.model.KVCache`), so a row
+computes what it would alone, up to float rounding. With temperature > 0 a
+batched row draws other random numbers than it would alone.
 """
 
 from __future__ import annotations
@@ -86,14 +87,18 @@ def prompt_ids(tokenizer, text: str, context: int, s: Sampling) -> list[int]:
 
 
 def run_rows(model, tokenizer, rows, s: Sampling, stats: Stats, on_text=None):
-    """Complete equal-length prompts `rows` as one batch; [(text, n_tokens)]. A row
-    ends at EOS or a stop string; `on_text(row, delta)` streams as text comes."""
-    n_new = min(s.max_tokens, model.config.context_length - len(rows[0]))
+    """Complete prompts `rows` as one batch (left-padded to the longest);
+    [(text, n_tokens)]. A row ends at EOS or a stop string; `on_text(row, delta)`
+    streams as text comes."""
+    width = max(len(r) for r in rows)
+    n_new = min(s.max_tokens, model.config.context_length - width)
+    pads = [width - len(r) for r in rows]
+    padded = mx.array([[tokenizer.pad_id] * p + r for p, r in zip(pads, rows)])
+    cache = make_cache(model, mx.array(pads) if any(pads) else None)
     streamers = [TextStreamer(tokenizer, s.stop) for _ in rows]
     counts, done = [0] * len(rows), [False] * len(rows)
-    steps = generate_step(
-        model, mx.array(rows), s, make_cache(model), None, n_new, stats
-    )
+    stats.prompt_tokens -= sum(pads)  # generate_step counts the padding in
+    steps = generate_step(model, padded, s, cache, None, n_new, stats)
     for y in steps:
         for r, token in enumerate(y.tolist()):
             if done[r] or token == tokenizer.eos_id:
@@ -115,20 +120,18 @@ def complete_batch(
     model, tokenizer, prompts: list[str], s: Sampling, batch: int, stats: Stats
 ):
     """One dict per prompt, in order (prompt, completion, token counts, seconds),
-    generated `batch` at a time among prompts with the same token count."""
+    generated `batch` at a time; prompts are grouped by token count, so a batch
+    pads as little as it can."""
     ids = [prompt_ids(tokenizer, p, model.config.context_length, s) for p in prompts]
-    by_length: dict[int, list[int]] = {}
-    for i, row in enumerate(ids):
-        by_length.setdefault(len(row), []).append(i)
+    order = sorted(range(len(ids)), key=lambda i: len(ids[i]))
     results: list[dict] = [{} for _ in prompts]
-    for length in sorted(by_length):
-        for start in range(0, len(by_length[length]), batch):
-            group = by_length[length][start : start + batch]
-            t0 = time.perf_counter()
-            out = run_rows(model, tokenizer, [ids[i] for i in group], s, stats)
-            seconds = round(time.perf_counter() - t0, 4)
-            for i, (text, n) in zip(group, out):
-                results[i] = dict(prompt=prompts[i], completion=text)
-                results[i].update(prompt_tokens=len(ids[i]), generated_tokens=n)
-                results[i].update(seconds=seconds, batch_size=len(group))
+    for start in range(0, len(order), batch):
+        group = order[start : start + batch]
+        t0 = time.perf_counter()
+        out = run_rows(model, tokenizer, [ids[i] for i in group], s, stats)
+        seconds = round(time.perf_counter() - t0, 4)
+        for i, (text, n) in zip(group, out):
+            results[i] = dict(prompt=prompts[i], completion=text)
+            results[i].update(prompt_tokens=len(ids[i]), generated_tokens=n)
+            results[i].update(seconds=seconds, batch_size=len(group))
     return results

@@ -6,7 +6,13 @@ import numpy as np
 import pytest
 
 from src.config import ModelConfig
-from src.generate import generate_step, generate_tokens, make_cache, prefill
+from src.generate import (
+    Decoder,
+    generate_step,
+    generate_tokens,
+    make_cache,
+    prefill,
+)
 from src.model import Model
 from src.sampling import Sampling, make_processors, make_sampler
 from src.textgen import TextStreamer
@@ -182,3 +188,58 @@ def test_streamer_stop_strings(tiny_dataset):
             assert want.startswith("".join(parts))  # no piece of a stop string shown
         parts.append(streamer.finish())
         assert "".join(parts) == streamer.text == want and streamer.stopped
+
+
+@pytest.fixture(params=["portable", "fused"])
+def kernel_set(request):
+    from src import kernels
+
+    kernels.set_kernel_set(request.param)
+    yield request.param
+    kernels.set_kernel_set(None)
+
+
+def test_compiled_decode_equals_eager_and_full_recompute(kernel_set):
+    """The compiled step (window buckets of 4, so it crosses several) gives the
+    eager cached step's logits and a full recompute's, on a batch of 2."""
+    model = model_(qk_norm=True)
+    seq = mx.array(np.random.default_rng(1).integers(0, 97, (2, 30)))
+    full = model(seq)
+    decoder, eager = Decoder(model, bucket=4), make_cache(model)
+    cache = make_cache(model)
+    prefill(model, seq[:, :5], cache, 100), prefill(model, seq[:, :5], eager, 100)
+    for t in range(5, 30):
+        got = decoder(seq[:, t : t + 1], cache)
+        want = model(seq[:, t : t + 1], cache=eager)[:, -1, :]
+        assert mx.allclose(got, want, atol=1e-5), (t, diff(got, want))
+        assert mx.allclose(got, full[:, t], atol=2e-5), (t, diff(got, full[:, t]))
+        assert cache[0].offset == eager[0].offset == t + 1
+    assert sorted(decoder._steps) == [8, 12, 16, 20, 24, 28, 32]  # one trace each
+    assert cache[0].keys.shape[2] == 32  # written in place, never grown
+
+
+def test_padded_rows_compute_what_they_would_alone(kernel_set):
+    """Left-padded rows of a batch give each row's own logits (prefill in chunks,
+    then compiled and eager decode steps), and greedy decoding the same tokens."""
+    model = model_()
+    rows = [[5, 17, 3], [4, 8, 15, 16, 23, 42, 7], [9, 9, 1, 2, 3]]
+    pads = [7 - len(r) for r in rows]
+    batch = mx.array([[0] * p + r for p, r in zip(pads, rows)])
+    forced = mx.array(np.random.default_rng(2).integers(0, 97, (3, 6)))
+    for compiled in (True, False):
+        cache = make_cache(model, mx.array(pads))
+        got = [prefill(model, batch, cache, 3)]
+        for t in range(6):
+            x = forced[:, t : t + 1]
+            step = Decoder(model) if compiled else None
+            got.append(step(x, cache) if step else model(x, cache=cache)[:, -1])
+        for r, row in enumerate(rows):
+            alone = model(mx.concatenate([mx.array(row), forced[r]])[None])[0]
+            want = alone[len(row) - 1 :]
+            mine = mx.stack([g[r] for g in got])
+            assert mx.allclose(mine, want, atol=2e-5), (compiled, r, diff(mine, want))
+        s = Sampling(temperature=0, max_tokens=12)
+        cache = make_cache(model, mx.array(pads))
+        steps = generate_step(model, batch, s, cache, None, None, compiled=compiled)
+        together = np.array([y.tolist() for y in steps]).T.tolist()
+        assert together == [np.array(run(model, [r], s))[:, 0].tolist() for r in rows]

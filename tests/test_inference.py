@@ -216,3 +216,63 @@ def test_repl_end_to_end_through_stdin(ckpt, tmp_path):
         assert want in out, out
     assert "[conversation reset]" in out and "unknown command" in out
     assert (tmp_path / "chat.txt").exists() and "Traceback" not in proc.stderr
+
+
+PTY_CHILD = """
+import os, sys, time
+os.close(os.open(os.ttyname(0), os.O_RDWR))  # session leader: the pty becomes our
+# controlling terminal, so a Ctrl-C typed into it is a SIGINT, as in a real shell
+import src.textgen as tg
+add = tg.TextStreamer.add  # slow the stream so the Ctrl-C lands mid-reply
+tg.TextStreamer.add = lambda self, t: (time.sleep(0.05), add(self, t))[1]
+from src import inference
+sys.exit(inference.main(sys.argv[1:]))
+"""
+
+
+def test_repl_through_a_pseudo_terminal_ctrl_c_and_ctrl_d(ckpt):
+    """Keys typed into a real terminal: Ctrl-C mid-reply stops it (the REPL goes
+    on), Ctrl-C at the prompt gives a new prompt, Ctrl-D leaves with status 0."""
+    import os
+    import pty
+    import select
+    import time
+
+    master, slave = pty.openpty()
+    argv = [sys.executable, "-c", PTY_CHILD, *cli(ckpt, "--interactive")]
+    proc = subprocess.Popen(
+        argv, cwd=ROOT, stdin=slave, stdout=slave, stderr=slave, start_new_session=True
+    )
+    os.close(slave)
+    seen = b""
+
+    def expect(text: str, timeout: float = 60) -> str:
+        nonlocal seen
+        end = time.time() + timeout
+        while text.encode() not in seen:
+            assert time.time() < end, f"no {text!r} in {seen.decode(errors='replace')}"
+            if select.select([master], [], [], 0.1)[0]:
+                seen += os.read(master, 4096)
+        before, _, seen = seen.partition(text.encode())
+        return before.decode(errors="replace")
+
+    try:
+        expect(">>> ")
+        os.write(master, b"/temp 0\r")
+        expect(">>> ")
+        os.write(master, b"Once upon a time\r")
+        expect("Once upon a time\r\n")  # the echo; then the reply streams
+        time.sleep(0.6)  # ~10 tokens in (the child sleeps 50 ms a token)
+        os.write(master, b"\x03")
+        reply = expect("[stopped]")
+        assert 0 < len(reply.strip()) and "Traceback" not in reply
+        expect(">>> ")
+        os.write(master, b"\x03")  # at the prompt: a fresh prompt
+        expect(">>> ")
+        os.write(master, b"/stats\r")
+        assert "tok/s" in expect(">>> ")
+        os.write(master, b"\x04")  # Ctrl-D on an empty line: end of input
+        assert proc.wait(timeout=30) == 0
+    finally:
+        proc.kill()
+        os.close(master)

@@ -14,8 +14,7 @@ import pytest
 
 from src import data as D
 from src import tokens as T
-from src.documents import SeenHashes, batched
-from src.prepare import QualityFilter, prepare_dataset, repetition
+from src.prepare import QualityFilter, repetition
 from src.tokenizer import Tokenizer, train_tokenizer
 
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
@@ -359,51 +358,3 @@ def test_help_exits_0(capsys):
     for cmd in ("prepare", "split", "stats"):
         assert run(capsys, cmd, "--help")[0] == 0
     assert "jsonl" in sys.modules["src.data"].PREPARE_DESCRIPTION
-
-
-def test_output_does_not_depend_on_workers(tmp_path, stories, tok_dir):
-    docs = stories[:70] + ["ha ha ha ha ha ha", "tiny"] + stories[:4]
-    corpus = write_txt(tmp_path / "c.txt", docs)
-    metas = []
-    for w in (1, 2, 3):  # small batches: many in flight, results must stay in order
-        metas.append(
-            prepare_dataset(
-                [corpus],
-                tok_dir,
-                tmp_path / str(w),
-                max_docs=60,
-                workers=w,
-                batch_docs=7,
-            )
-        )
-    for name in ("train.bin", "val.bin"):
-        ref = (tmp_path / "1" / name).read_bytes()
-        assert (tmp_path / "2" / name).read_bytes() == ref
-        assert (tmp_path / "3" / name).read_bytes() == ref
-    assert metas[0]["dropped"] == metas[1]["dropped"] == metas[2]["dropped"]
-    assert sum(s["docs"] for s in metas[2]["splits"].values()) == 60
-
-
-def test_batches_bounded_by_count_and_size():
-    texts = ["a" * 10] * 25 + ["b" * 100] + ["c"] * 3
-    sizes = [[len(t) for t in b] for b in batched(texts, 10, max_chars=50)]
-    assert sum(map(len, sizes)) == len(texts)
-    assert sizes[:5] == [[10] * 5] * 5 and sizes[5] == [100] and sizes[6] == [1] * 3
-    assert [len(b) for b in batched(["x"] * 25, 10)] == [10, 10, 5]
-
-
-def test_seen_hashes_across_merges():
-    import hashlib
-
-    seen, truth = SeenHashes(merge_every=5), set()
-    rng = np.random.default_rng(0)
-    for _ in range(40):  # batches with repeats inside and across them
-        digests = [
-            hashlib.sha1(str(i).encode()).digest() for i in rng.integers(0, 60, 9)
-        ]
-        known = seen.in_sorted(digests)
-        for d, k in zip(digests, known, strict=True):
-            assert seen.add(d, bool(k)) == (d not in truth)
-            truth.add(d)
-        seen.end_batch()
-    assert len(seen) == len(truth) and len(seen._sorted) > 0
