@@ -23,6 +23,7 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+from .template import CHAT, render_conversation
 from .tokens import DataError
 
 DOC_DELIMITER = "<|endoftext|>"  # a line holding only this ends a document
@@ -247,10 +248,12 @@ def _datasets():
 
 
 def iter_records(
-    rows: Iterable[dict], where: str, text_field: str
+    rows: Iterable[dict], where: str, text_field: str, chat: bool = False
 ) -> Iterator[tuple[str, int]]:
     """(stripped text, 0) of each row's `text_field`; DataError naming `where`
-    when the field is missing or not a string."""
+    when the field is missing or not a string. With `chat`, the field holds a
+    conversation (a list of {"role", "content"} messages), rendered as one text
+    in the chat template (`src.template.CHAT`)."""
     for i, row in enumerate(rows):
         if text_field not in row:
             raise DataError(
@@ -260,10 +263,16 @@ def iter_records(
         text = row[text_field]
         if text is None:
             continue
+        if chat:
+            try:
+                text = render_conversation(text, CHAT)
+            except ValueError as e:
+                raise DataError(f"{where}: row {i} field {text_field!r}: {e}") from None
         if not isinstance(text, str):
+            hint = " (a conversation? use --chat)" if isinstance(text, list) else ""
             raise DataError(
                 f"{where}: row {i} field {text_field!r} is a {type(text).__name__},"
-                " not text"
+                f" not text{hint}"
             )
         yield text.strip(), 0
 
@@ -298,7 +307,9 @@ class HubSource:
         return {"hf_dataset": self.name, "config": self.config, "split": self.split}
 
 
-def iter_hub(src: HubSource, text_field: str) -> Iterator[tuple[str, int]]:
+def iter_hub(
+    src: HubSource, text_field: str, chat: bool = False
+) -> Iterator[tuple[str, int]]:
     ds = _datasets()
 
     def load():
@@ -306,13 +317,17 @@ def iter_hub(src: HubSource, text_field: str) -> Iterator[tuple[str, int]]:
 
     where = f"hub dataset {src.name}" + (f" ({src.config})" if src.config else "")
     where += f", split {src.split!r}"
-    return iter_records(_stream(where, load), where, text_field)
+    return iter_records(_stream(where, load), where, text_field, chat)
 
 
 def iter_file(
-    path: Path, delimiter: str = DOC_DELIMITER, text_field: str = DEFAULT_TEXT_FIELD
+    path: Path,
+    delimiter: str = DOC_DELIMITER,
+    text_field: str = DEFAULT_TEXT_FIELD,
+    chat: bool = False,
 ) -> Iterator[tuple[str, int]]:
-    """(document, bytes consumed or 0) of one local file of any supported kind."""
+    """(document, bytes consumed or 0) of one local file of any supported kind;
+    `chat` as in `iter_records`."""
     builder = RECORD_SUFFIXES.get(_suffix(path))
     if builder is None:
         yield from iter_documents(path, delimiter)
@@ -324,7 +339,7 @@ def iter_file(
             builder, data_files=[str(path)], split="train", streaming=True
         )
 
-    yield from iter_records(_stream(str(path), load), str(path), text_field)
+    yield from iter_records(_stream(str(path), load), str(path), text_field, chat)
 
 
 def iter_corpus(

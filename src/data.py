@@ -161,10 +161,17 @@ def _add_prepare(sub) -> None:
     add("--delimiter", default=DOC_DELIMITER, help=DELIMITER_HELP)
     add(
         "--text-field",
-        default=DEFAULT_TEXT_FIELD,
         metavar="NAME",
         help=f"field holding the text in jsonl/parquet/hub rows (default "
-        f"{DEFAULT_TEXT_FIELD})",
+        f"{DEFAULT_TEXT_FIELD}; with --chat, messages)",
+    )
+    add(
+        "--chat",
+        action="store_true",
+        help="rows hold conversations (a list of {role, content} messages, the "
+        "Hugging Face chat layout): render each in the chat template "
+        "(<|system|>/<|user|>/<|assistant|>/<|end|>) and mark the data, so models "
+        "trained on it chat in that template",
     )
     add(
         "--val-fraction",
@@ -279,10 +286,11 @@ def _prepare(args) -> None:
         val_fraction=args.val_fraction,
         max_docs=args.max_docs,
         max_tokens=args.max_tokens,
-        text_field=args.text_field,
+        text_field=args.text_field or ("messages" if args.chat else DEFAULT_TEXT_FIELD),
         quality=quality,
         bos=args.bos,
         workers=args.workers,
+        chat=args.chat,
     )
     secs = time.perf_counter() - start
     for s, info in meta["splits"].items():

@@ -31,6 +31,7 @@ from .corpus import (
     DEFAULT_TEXT_FIELD,
     DOC_DELIMITER,
     FOLDER_SUFFIXES,
+    RECORD_SUFFIXES,
     HubSource,
     describe,
     expand_inputs,
@@ -47,7 +48,7 @@ from .documents import (  # noqa: F401  (re-exported)
     repetition,
     split_of,
 )
-from .tokenizer import Tokenizer
+from .tokenizer import CHAT_MARKERS, Tokenizer
 from .tokens import (
     VERSION,
     DataError,
@@ -71,6 +72,21 @@ def _check_options(val_fraction, max_docs, max_tokens, filt: QualityFilter) -> N
             raise DataError(f"{name} must be >= 1, got {v}")
     if filt.min_words < 0 or not 0.0 <= filt.max_repetition <= 1.0:
         raise DataError("need --min-words >= 0 and --max-repetition in [0, 1]")
+
+
+def _check_chat(source, tok: Tokenizer) -> None:
+    """--chat reads conversations from records, in a tokenizer with chat markers."""
+    texts = [] if isinstance(source, HubSource) else source
+    if bad := [p for p in texts if p.suffix.lower() not in RECORD_SUFFIXES]:
+        raise DataError(
+            f"--chat reads conversations from .jsonl/.parquet files or a hub "
+            f"dataset, not {bad[0]}"
+        )
+    if missing := [m for m in CHAT_MARKERS if len(tok.encode(m)) != 1]:
+        raise DataError(
+            f"{tok.dir}: the tokenizer has no single token for {missing[0]} (train "
+            "it with python -m src.tokenizer, which reserves the chat markers)"
+        )
 
 
 def _taken(new, lengths, kept: int, written: int, max_docs, max_tokens) -> int:
@@ -123,6 +139,7 @@ def prepare_dataset(
     workers: int | None = None,
     batch_docs: int = 512,
     range_bytes: int = RANGE_BYTES,
+    chat: bool = False,
 ) -> dict:
     """Local files (any kind `src.corpus` reads) or a hub dataset ->
     output/{train,val}.bin and meta.json; returns the meta.
@@ -131,13 +148,18 @@ def prepare_dataset(
     (whole documents: the last one may cross the limit). `workers` processes
     read, filter and encode (default: one per core); the output does not depend
     on it. A task is `range_bytes` of a .txt file (whole documents: more when one
-    is longer) or `batch_docs` texts of other sources.
+    is longer) or `batch_docs` texts of other sources. With `chat`, each record's
+    `text_field` is a conversation, rendered in the chat template, and meta.json
+    says `"chat_template": true` (the trainer copies it into its checkpoints, so
+    the REPL speaks to the model in that template).
     """
     quality = quality or QualityFilter()
     _check_options(val_fraction, max_docs, max_tokens, quality)
     tok = Tokenizer.load(tokenizer)
     if not isinstance(source, HubSource):
         source = expand_inputs(source, FOLDER_SUFFIXES)
+    if chat:
+        _check_chat(source, tok)
     workers = workers or os.cpu_count() or 1
     out = Path(output)
     out.mkdir(parents=True, exist_ok=True)
@@ -147,7 +169,7 @@ def prepare_dataset(
     dropped = dict.fromkeys(DROP_REASONS, 0)
     written, start = 0, time.perf_counter()
     job = Job(str(tok.dir / "tokenizer.model"), quality, bos)
-    tasks = iter_tasks(source, delimiter, text_field, batch_docs, range_bytes)
+    tasks = iter_tasks(source, delimiter, text_field, batch_docs, range_bytes, chat)
     with contextlib.ExitStack() as stack:
         runner = stack.enter_context(BatchRunner(job, workers))
         files = {s: stack.enter_context(atomic_file(out / f"{s}.bin")) for s in SPLITS}
@@ -187,6 +209,7 @@ def prepare_dataset(
         "inputs": describe(source),
         "delimiter": delimiter,
         "text_field": text_field,
+        "chat_template": chat,
         "val_fraction": val_fraction,
         "max_docs": max_docs,
         "max_tokens": max_tokens,

@@ -200,7 +200,8 @@ def check_sidecar(
     path: str | Path, header: TokenFileHeader, tokenizer_sha256: str | None = None
 ) -> dict | None:
     """Check the meta.json beside a token file, if any, against its header and the
-    model's tokenizer; return that file's entry (None without a sidecar)."""
+    model's tokenizer; return that file's entry plus the dataset's
+    `chat_template` flag (None without a sidecar)."""
     path = Path(path)
     side = path.parent / SIDECAR
     if not side.is_file():
@@ -231,7 +232,7 @@ def check_sidecar(
             f"{path}: made with tokenizer sha256 {want[:12]}..., but the model uses "
             f"{tokenizer_sha256[:12]}... (re-run prepare with the model's tokenizer)"
         )
-    return entry
+    return {**entry, "chat_template": bool(meta.get("chat_template"))}
 
 
 class TokenLoader:

@@ -368,6 +368,8 @@ class Trainer:
             "data_position": {"seed": cfg.training.seed, "next_step": step},
             "seed": cfg.training.seed,
             "tokenizer_sha256": self.tokenizer.sha256,
+            # trained on conversations (prepare --chat): the REPL's `auto` template
+            "chat_template": bool((self.train_data.meta or {}).get("chat_template")),
             "world_size": self.dist.world,
             "val_loss": metric,
             "best_val_loss": self.best if math.isfinite(self.best) else None,

@@ -59,15 +59,18 @@ def iter_tasks(
     text_field: str,
     batch_docs: int,
     range_bytes: int = RANGE_BYTES,
+    chat: bool = False,
 ) -> Iterator[Task]:
     """The input in order as tasks: ranges of .txt files, batches of at most
-    `batch_docs` texts of other files and of hub datasets."""
+    `batch_docs` texts of other files and of hub datasets (conversations rendered
+    to text with `chat`; see `src.corpus.iter_records`)."""
     if isinstance(source, HubSource):
-        yield from batched((t for t, _ in iter_hub(source, text_field)), batch_docs)
+        texts = (t for t, _ in iter_hub(source, text_field, chat))
+        yield from batched(texts, batch_docs)
         return
     for path in source:
         if path.suffix.lower() in RECORD_SUFFIXES:
-            texts = (t for t, _ in iter_file(path, text_field=text_field))
+            texts = (t for t, _ in iter_file(path, text_field=text_field, chat=chat))
             yield from batched(texts, batch_docs)
         else:
             for start, end in text_ranges(path, delimiter, range_bytes):
