@@ -73,8 +73,11 @@ def test_cross_entropy(kernel_sets, smoothing):
 
 @pytest.mark.parametrize(
     "L, T, mask",
-    [(6, 6, "causal"), (3, 9, "causal"), (1, 9, None), (5, 5, "bool"), (5, 5, "add")],
-)
+    [
+        (6, 6, "causal"), (3, 9, "causal"), (1, 9, None), (5, 5, "bool"),
+        (5, 5, "add"), (300, 300, "causal"), (200, 230, "causal"),
+    ],  # 300 and 200 queries: the portable set's causal blocks, with a remainder
+)  # fmt: skip
 def test_attention(kernel_sets, L, T, mask):
     B, H, KV, hd = 2, 6, 2, 8
     keys = mx.random.split(mx.random.key(3), 3)
