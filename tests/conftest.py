@@ -25,6 +25,29 @@ def tiny_corpus(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def stories() -> list[str]:
+    """The first ~120 KB of TinyStories as a list of stories."""
+    source = SHARED_DATA / "tinystories_train.txt"
+    if not source.is_file():
+        pytest.skip(f"{source} not found (the shared corpora sit beside the repo)")
+    with open(source, encoding="utf-8") as f:
+        head = f.read(120_000)
+    return [s.strip() for s in head.split("<|endoftext|>\n")[:-1] if s.strip()]
+
+
+@pytest.fixture(scope="session")
+def tok_dir(stories, tmp_path_factory) -> Path:
+    """A 400-piece tokenizer trained on `stories`."""
+    from src.tokenizer import train_tokenizer
+
+    path = tmp_path_factory.mktemp("corpus") / "c.txt"
+    path.write_text("\n".join(stories), encoding="utf-8")
+    out = tmp_path_factory.mktemp("tok")
+    train_tokenizer([path], out, vocab_size=400)
+    return out
+
+
+@pytest.fixture(scope="session")
 def tiny_dataset(tiny_corpus, tmp_path_factory) -> dict:
     """A 512-token tokenizer and train/val token files made with the real CLIs."""
     from src import data, tokenizer

@@ -18,29 +18,10 @@ from src import corpus as C
 from src import tokens as T
 from src.documents import QualityFilter, SeenHashes, content_keys, is_val, split_of
 from src.prepare import prepare_dataset
-from src.tokenizer import Tokenizer, train_tokenizer
+from src.tokenizer import Tokenizer
 from src.workers import batched, worker_context
 
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
-
-
-@pytest.fixture(scope="module")
-def stories() -> list[str]:
-    source = SHARED_DATA / "tinystories_train.txt"
-    if not source.is_file():
-        pytest.skip(f"{source} not found (the shared corpora sit beside the repo)")
-    with open(source, encoding="utf-8") as f:
-        head = f.read(120_000)
-    return [s.strip() for s in head.split("<|endoftext|>\n")[:-1] if s.strip()]
-
-
-@pytest.fixture(scope="module")
-def tok_dir(stories, tmp_path_factory) -> Path:
-    path = tmp_path_factory.mktemp("corpus") / "c.txt"
-    path.write_text("\n".join(stories), encoding="utf-8")
-    out = tmp_path_factory.mktemp("tok")
-    train_tokenizer([path], out, vocab_size=400)
-    return out
 
 
 def write_txt(path: Path, docs: list[str]) -> Path:
