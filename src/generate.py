@@ -186,7 +186,8 @@ def generate_step(
     draws = sampling.temperature > 0  # greedy needs no random key
     keep_history = bool(processors) or cache is None
     stats = stats or Stats()
-    stats.prompt_tokens += prompt.size
+    pad = getattr(cache[0], "pad", None) if cache else None  # padding: not prompt
+    stats.prompt_tokens += prompt.size - (int(pad.sum()) if pad is not None else 0)
 
     def pick(logits: mx.array, hist: mx.array, key: mx.array) -> mx.array:
         logits = logits.astype(mx.float32)
@@ -202,9 +203,8 @@ def generate_step(
         logits = model(hist)[:, -1, :]
     else:
         logits = prefill(model, prompt, cache, prefill_chunk)
-    decoder = Decoder.of(model) if compiled and cache is not None else None
-    if decoder and not decoder.fits(cache):
-        decoder = None
+    fast = compiled and cache is not None and Decoder.fits(cache)
+    decoder = Decoder.of(model) if fast else None
     key, sub = mx.random.split(key) if draws else (key, key)
     y = pick(logits, hist, sub)
     mx.eval(y)

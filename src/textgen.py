@@ -97,7 +97,6 @@ def run_rows(model, tokenizer, rows, s: Sampling, stats: Stats, on_text=None):
     cache = make_cache(model, mx.array(pads) if any(pads) else None)
     streamers = [TextStreamer(tokenizer, s.stop) for _ in rows]
     counts, done = [0] * len(rows), [False] * len(rows)
-    stats.prompt_tokens -= sum(pads)  # generate_step counts the padding in
     steps = generate_step(model, padded, s, cache, None, n_new, stats)
     for y in steps:
         for r, token in enumerate(y.tolist()):
