@@ -14,6 +14,10 @@ one full training step (forward, backward, clip, AdamW) of:
   torch_compile  the same with torch.compile(model) (skipped, with the reason, if
                  its warm-up fails or takes longer than --compile-timeout)
   mlx_lm         mlx_lm.models.llama.Model trained with our step (mx.compile)
+Every MLX implementation runs with the trainer's process settings (src.step: a wide
+evaluation order on the CPU, step buffers kept by the allocator after a step); an
+MLX worker empties that cache after its turn and starts the next with an untimed
+step, so that idle workers do not hold a step's memory.
 All start from the same weights and batch (the loss of the first step is shown as a
 check). Each runs in its own worker process, built and warmed up (compilation
 excluded) one after another; then the workers take turns, one step each per round,
@@ -73,9 +77,10 @@ def rss() -> int:
 def mlx_worker(impl: str, cfg, init: str):
     import mlx.core as mx
 
+    from src import blas
     from src.model import Model
     from src.optim import build_optimizer
-    from src.step import make_train_step
+    from src.step import keep_step_buffers, make_train_step, resolve_streams
 
     if impl == "mlx_lm":
         from mlx_lm.models import llama
@@ -108,14 +113,19 @@ def mlx_worker(impl: str, cfg, init: str):
     def one() -> float:
         loss, _, _ = step(batch)
         mx.eval(model.state, opt.state, loss)
+        keep_step_buffers()  # as the trainer does after its first step
         return loss.item()
 
     def gemm() -> float:
         a, b = mx.random.normal((2048, 2048)), mx.random.normal((2048, 2048))
         mx.eval(a, b)
-        return best_gflops(lambda: mx.eval(a @ b))
+        blas.set_threads(os.cpu_count() or 1)  # the ceiling uses every core
+        try:
+            return best_gflops(lambda: mx.eval(a @ b))
+        finally:
+            resolve_streams(cfg.training.streams)  # back to a thread per stream
 
-    return one, gemm, base, mx.get_peak_memory
+    return one, gemm, base, mx.get_peak_memory, mx.clear_cache
 
 
 def torch_worker(impl: str, cfg, init: str):
@@ -158,7 +168,7 @@ def torch_worker(impl: str, cfg, init: str):
         a, b = torch.randn(2048, 2048), torch.randn(2048, 2048)
         return best_gflops(lambda: a @ b)
 
-    return one, gemm, base, lambda: None
+    return one, gemm, base, lambda: None, None
 
 
 def lr_factor(t, step: int) -> float:
@@ -185,9 +195,11 @@ def worker(impl: str, spec: str, init: str, warmup: int) -> int:
     sys.stdout = sys.stderr  # only protocol lines go to the real stdout
     cfg = config_from_dict(json.loads(spec))
     build = torch_worker if impl.startswith("torch") else mlx_worker
-    one, gemm, base, mlx_peak = build(impl, cfg, init)
+    one, gemm, base, mlx_peak, release = build(impl, cfg, init)
     tic = time.perf_counter()
     first_loss = [one() for _ in range(warmup)][0]
+    if release is not None:
+        release()
     send = lambda msg: print(json.dumps(msg), file=reply_to, flush=True)  # noqa: E731
     send({"ready": True, "warmup_s": time.perf_counter() - tic, "loss1": first_loss})
     for line in sys.stdin:
@@ -195,11 +207,18 @@ def worker(impl: str, spec: str, init: str, warmup: int) -> int:
         if "gemm" in cmd:
             send({"gflops": gemm()})
         elif "steps" in cmd:
+            # An idle MLX worker gives its cached step buffers back (several workers
+            # holding a step's peak at once exhaust memory), so each turn starts
+            # with an untimed step that fills the cache again, as in a training run.
+            if release is not None:
+                one()
             times = []
             for _ in range(cmd["steps"]):
                 tic = time.perf_counter()
                 one()
                 times.append(time.perf_counter() - tic)
+            if release is not None:
+                release()
             peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
             send({"times": times, "rss_peak": peak - base, "mlx_peak": mlx_peak()})
         else:

@@ -25,7 +25,7 @@ from src.config import load_config
 from src.model import Model, estimate_training_memory
 from src.optim import build_optimizer
 from src.runlog import fmt_bytes
-from src.step import make_train_step, resolve_precision
+from src.step import keep_step_buffers, make_train_step, resolve_precision
 
 
 def measure(
@@ -49,6 +49,7 @@ def measure(
         tic = time.perf_counter()
         loss, _, _ = step(batch)
         mx.eval(model.state, opt.state, loss)
+        keep_step_buffers()  # as the trainer does after its first step
         if i >= warmup:
             times.append(time.perf_counter() - tic)
     tokens = t.grad_accum_steps * t.batch_size * m.context_length

@@ -35,6 +35,7 @@ from .optim import build_optimizer, load_optimizer_state
 from .rundir import RunLock, check_writable, resume_or_clear
 from .runlog import RunLog, StopSignal, check_resume_compatible, fmt_bytes
 from .step import (
+    keep_step_buffers,
     make_eval_fn,
     make_train_step,
     resolve_precision,
@@ -274,6 +275,8 @@ class Trainer:
                 self.model.state, self.optimizer.state, loss, grad_norm, ok, lr, stop
             )
             stopping = self._stopping(stop)
+            if step == start:  # the first step's buffers are reused from now on
+                keep_step_buffers()
             step += 1
             self.bar.update(1)
             self.pending.append((step, loss, grad_norm, ok, lr))

@@ -1,6 +1,10 @@
 """The training step: compiled == eager, learning, guards, optimizer details."""
 
 import math
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import mlx.core as mx
 import numpy as np
@@ -10,7 +14,9 @@ from mlx.utils import tree_flatten
 from src.config import TrainingConfig, config_from_dict
 from src.model import Model
 from src.optim import build_optimizer, decay_mask, lr_schedule
-from src.step import make_train_step
+from src.step import BFS_WIDTH, BFS_WIDTH_VAR, keep_step_buffers, make_train_step
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def setup(compile, accum=2, **train):
@@ -227,3 +233,40 @@ def test_bf16_compute_keeps_fp32_master_weights():
     assert all(v.dtype == mx.float32 for _, v in tree_flatten(m16.parameters()))
     assert all(v.dtype == mx.float32 for k, v in tree_flatten(o16.state) if k != "step")
     assert l16 != l32  # it really ran in bf16
+
+
+def test_keep_step_buffers_caches_what_a_step_freed():
+    big = 24 * 2**20  # floats: 96 MiB, more than the CPU allocator's default cache
+
+    def work():
+        x = mx.ones((big,)) * 2.0
+        mx.eval(x.sum())
+
+    previous = mx.set_cache_limit(32 * 2**20)
+    try:
+        mx.clear_cache()
+        mx.reset_peak_memory()
+        work()
+        assert mx.get_cache_memory() < 4 * big  # freed buffers went back to the OS
+        keep_step_buffers()
+        assert mx.set_cache_limit(0) >= 4 * big  # the limit is the step's peak
+        mx.set_cache_limit(mx.get_peak_memory())
+        work()
+        assert mx.get_cache_memory() >= 4 * big  # now kept for the next step
+        mx.set_cache_limit(2**40)
+        keep_step_buffers()  # a larger limit (GPU backends' default) is kept
+        assert mx.set_cache_limit(previous) == 2**40
+    finally:
+        mx.set_cache_limit(previous)
+        mx.clear_cache()
+
+
+def test_cpu_evaluation_order_is_wide(tmp_path):
+    """Importing src.step on the CPU widens MLX's evaluation order (read at the first
+    eval) unless the user set it; see BFS_WIDTH_VAR."""
+    code = "import os, src.step; print(os.environ.get('MLX_BFS_MAX_WIDTH'))"
+    env = {k: v for k, v in os.environ.items() if k != BFS_WIDTH_VAR}
+    run = lambda e: subprocess.run([sys.executable, "-c", code], env=e, cwd=ROOT,  # noqa: E731
+                                   capture_output=True, text=True, check=True).stdout  # fmt: skip
+    assert run(env).strip() == BFS_WIDTH
+    assert run({**env, BFS_WIDTH_VAR: "7"}).strip() == "7"
