@@ -16,8 +16,8 @@ one full training step (forward, backward, clip, AdamW) of:
   mlx_lm         mlx_lm.models.llama.Model trained with our step (mx.compile)
 Every MLX implementation runs with the trainer's process settings (src.step: a wide
 evaluation order on the CPU, step buffers kept by the allocator after a step); an
-MLX worker empties that cache after its turn and starts the next with an untimed
-step, so that idle workers do not hold a step's memory.
+MLX worker empties that cache after its turn (idle workers holding a step's peak
+at once would exhaust memory) and starts the next with an untimed step.
 All start from the same weights and batch (the loss of the first step is shown as a
 check). Each runs in its own worker process, built and warmed up (compilation
 excluded) one after another; then the workers take turns, one step each per round,
@@ -120,10 +120,9 @@ def mlx_worker(impl: str, cfg, init: str):
         a, b = mx.random.normal((2048, 2048)), mx.random.normal((2048, 2048))
         mx.eval(a, b)
         blas.set_threads(os.cpu_count() or 1)  # the ceiling uses every core
-        try:
-            return best_gflops(lambda: mx.eval(a @ b))
-        finally:
-            resolve_streams(cfg.training.streams)  # back to a thread per stream
+        gflops = best_gflops(lambda: mx.eval(a @ b))
+        resolve_streams(cfg.training.streams)  # back to a thread per stream
+        return gflops
 
     return one, gemm, base, mx.get_peak_memory, mx.clear_cache
 
@@ -144,12 +143,9 @@ def torch_worker(impl: str, cfg, init: str):
     decay = lambda n, p: p.ndim >= 2 and (t.decay_embeddings or "embed_tokens" not in n)  # noqa: E731
     named = list(model.named_parameters())
     groups = [
-        {
-            "params": [p for n, p in named if decay(n, p)],
-            "weight_decay": t.weight_decay,
-        },
+        {"params": [p for n, p in named if decay(n, p)], "weight_decay": t.weight_decay},
         {"params": [p for n, p in named if not decay(n, p)], "weight_decay": 0.0},
-    ]
+    ]  # fmt: skip
     opt = torch.optim.AdamW(groups, lr=t.learning_rate, betas=(t.beta1, t.beta2), eps=t.eps)  # fmt: skip
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(t, s))
     forward = torch.compile(model) if impl == "torch_compile" else model
@@ -206,12 +202,9 @@ def worker(impl: str, spec: str, init: str, warmup: int) -> int:
         cmd = json.loads(line)
         if "gemm" in cmd:
             send({"gflops": gemm()})
-        elif "steps" in cmd:
-            # An idle MLX worker gives its cached step buffers back (several workers
-            # holding a step's peak at once exhaust memory), so each turn starts
-            # with an untimed step that fills the cache again, as in a training run.
+        elif "steps" in cmd:  # idle MLX workers hold no cached buffers (docstring)
             if release is not None:
-                one()
+                one()  # untimed: fills the allocator cache again
             times = []
             for _ in range(cmd["steps"]):
                 tic = time.perf_counter()
