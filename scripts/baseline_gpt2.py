@@ -16,7 +16,7 @@ The step count is fixed after a short calibration so that training ends when the
 budget runs out (the cosine schedule then completes), as `src.train` does with
 `training.time_budget_minutes`. It writes OUT/model.pt and OUT/results.json;
 scripts/speedrun_report.py scores it and our model on the same windows of the same
-texts (src.eval's windows and byte count).
+texts (src.eval.evaluator's windows and byte count).
 """
 
 from __future__ import annotations
@@ -42,8 +42,8 @@ import torch.nn.functional as F  # noqa: E402
 from torch import nn  # noqa: E402
 
 from src.config import load_config  # noqa: E402
-from src.tokenizer import Tokenizer  # noqa: E402
-from src.tokens import TokenLoader  # noqa: E402
+from src.tokenizer.spm import Tokenizer  # noqa: E402
+from src.data.tokens import TokenLoader  # noqa: E402
 
 CALIBRATION_STEPS = 30  # steps 6..30 are timed to fix the step count
 MARGIN = 0.96  # of the time left, as src/budget.py
@@ -105,7 +105,7 @@ def lr_at(step: int, total: int, lr: float, warmup: int) -> float:
 
 @torch.no_grad()
 def loss_sum(model: GPT, windows) -> float:
-    """Summed next-token loss (nats) of windows (B, L+1), as src.step's eval fn."""
+    """Summed next-token loss (nats) of windows (B, L+1), as src.eval.evaluator's eval fn."""
     model.eval()
     w = torch.from_numpy(np.asarray(windows)).long()
     logits = model(w[:, :-1])

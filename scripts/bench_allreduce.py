@@ -4,7 +4,7 @@
         [--batch-size 1] [--layers N] [--steps 5]
 
 Each measurement runs in fresh processes, each with OPENBLAS_NUM_THREADS=1:
-  1. one process: the trainer's compiled step (src.step) on a (1, B, L+1) batch;
+  1. one process: the trainer's compiled step (src.train.step) on a (1, B, L+1) batch;
   2. two independent processes at once, the same step each: the cost of sharing
      the machine's cores and memory bandwidth, without communication;
   3. two ranks on 127.0.0.1 (ring backend), the same per-rank batch, gradients
@@ -40,19 +40,18 @@ def worker(args: argparse.Namespace) -> None:
     import mlx.nn as nn
     from mlx.utils import tree_map
 
+    from src.backend import policy
     from src.config import load_config
-    from src.model import Model
-    from src.optim import build_optimizer
-    from src.step import make_train_step
+    from src.train.assembly import assemble
 
     distributed = bool(os.environ.get("MLX_HOSTFILE"))
     group = mx.distributed.init(strict=True, backend="ring") if distributed else None
     sets = [f"model.n_layers={args.layers}"] if args.layers else []
+    sets += ["training.seed=0", "training.precision=fp32", "training.compile=true"]
     cfg = load_config(args.config, sets)
-    mx.random.seed(0)
-    model = Model(cfg.model)
-    opt = build_optimizer(model, cfg.training)
-    step = make_train_step(model, opt, cfg.training, mx.float32, True, group)
+    policy.configure_process()
+    parts = assemble(cfg, group)
+    model, opt, step = parts.model, parts.optimizer, parts.train_step
     shape = (1, args.batch_size, cfg.model.context_length + 1)
     batch = mx.random.randint(0, cfg.model.vocab_size, shape)
 
@@ -82,7 +81,7 @@ def worker(args: argparse.Namespace) -> None:
 def run(n: int, argv: list[str], ring: bool) -> dict:
     """Run the worker in `n` processes at once, as the ranks of a ring or not;
     returns the first process's result."""
-    from src.launch import free_ports
+    from src.train.launch import free_ports
 
     env = dict(os.environ, OPENBLAS_NUM_THREADS="1")
     env.pop("MLX_HOSTFILE", None)

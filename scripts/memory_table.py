@@ -20,12 +20,10 @@ import src  # noqa: F401  (loads the optimized BLAS; must precede mlx)
 # isort: split
 import mlx.core as mx
 
-from src import blas
+from src.backend import blas, policy
+from src.cli import fmt_bytes
 from src.config import load_config
-from src.model import Model, estimate_training_memory
-from src.optim import build_optimizer
-from src.runlog import fmt_bytes
-from src.step import keep_step_buffers, make_train_step, resolve_precision
+from src.train.assembly import assemble
 
 
 def measure(
@@ -35,10 +33,9 @@ def measure(
     sets += [f"training.grad_accum_steps={accum}"] if accum else []
     cfg = load_config(path, sets)
     m, t = cfg.model, cfg.training
-    mx.random.seed(0)
-    model = Model(m)
-    opt = build_optimizer(model, t)
-    step = make_train_step(model, opt, t, resolve_precision(t.precision))
+    t.seed = 0
+    parts = assemble(cfg, compile=True)
+    model, opt, step = parts.model, parts.optimizer, parts.train_step
     batch = mx.random.randint(
         0, m.vocab_size, (t.grad_accum_steps, t.batch_size, m.context_length + 1)
     )
@@ -49,7 +46,7 @@ def measure(
         tic = time.perf_counter()
         loss, _, _ = step(batch)
         mx.eval(model.state, opt.state, loss)
-        keep_step_buffers()  # as the trainer does after its first step
+        policy.keep_step_buffers()  # as the trainer does after its first step
         if i >= warmup:
             times.append(time.perf_counter() - tic)
     tokens = t.grad_accum_steps * t.batch_size * m.context_length
@@ -60,7 +57,7 @@ def measure(
         "batch": f"{t.batch_size}x{t.grad_accum_steps}",
         "context": m.context_length,
         "peak": mx.get_peak_memory(),
-        "estimate": estimate_training_memory(m, t.batch_size),
+        "estimate": parts.memory_estimate(cfg),
         "step_s": med,
         "tok_s": tokens / med,
     }
@@ -76,6 +73,7 @@ def main(argv=None) -> int:
         "--warmup", type=int, default=2, help="untimed steps (compile, caches)"
     )
     args = p.parse_args(argv)
+    policy.configure_process()
     print(f"device: {mx.default_device()}; {blas.describe()}")
     print(
         "| config | params | batch (micro x accum) | context | peak memory | estimate "

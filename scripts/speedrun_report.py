@@ -3,7 +3,7 @@
     python scripts/speedrun_report.py logs/speedrun [--checkpoint checkpoints/speedrun/latest]
 
 Both models are scored on the same windows of the same texts with our tokenizer,
-by src.eval's `Evaluator` (non-overlapping full-context windows, bits per byte over
+by src.eval.evaluator's `Evaluator` (non-overlapping full-context windows, bits per byte over
 the decoded target bytes): TinyStories validation (in domain), WikiText-2 test and
 Gutenberg novels (out of domain; capped at MAX_TOKENS tokens each, whole
 documents). Writes RUN_LOG/speedrun.md and speedrun.json; prints the table.
@@ -24,11 +24,12 @@ import src  # noqa: F401,E402  (loads the optimized BLAS; must precede mlx)
 # isort: split
 import mlx.core as mx  # noqa: E402
 
-from src.eval import Evaluator, encode_text  # noqa: E402
-from src.generate import generate_tokens  # noqa: E402
-from src.inference import load_model  # noqa: E402
-from src.step import make_eval_fn  # noqa: E402
-from src.tokens import TokenLoader, write_tokens  # noqa: E402
+from src.backend import policy  # noqa: E402
+from src.checkpoint.contents import load_model  # noqa: E402
+from src.data.tokens import TokenLoader, write_tokens  # noqa: E402
+from src.eval.cli import encode_text  # noqa: E402
+from src.eval.evaluator import Evaluator, make_eval_fn  # noqa: E402
+from src.inference.generate import generate_tokens  # noqa: E402
 
 SHARED = ROOT.parent / "shared" / "data"
 MAX_TOKENS = 250_000
@@ -118,6 +119,7 @@ def main() -> int:
     p.add_argument("run_log", type=Path, help="the run's log folder (logs/speedrun)")
     p.add_argument("--checkpoint", help="default: checkpoints/<run>/latest")
     args = p.parse_args()
+    policy.configure_process()
     checkpoint = args.checkpoint or f"checkpoints/{args.run_log.name}/latest"
     result = score(args.run_log, checkpoint)
     args.run_log.mkdir(parents=True, exist_ok=True)

@@ -18,9 +18,10 @@ from typing import Any
 
 import yaml
 
+from .errors import ConfigError
 
-class ConfigError(ValueError):
-    """A user mistake in a config file or override; the CLI prints it, exit 2."""
+OPTIMIZERS = ("adamw",)  # training.optimizer: the classes are in src/train/optim.py
+PRECISIONS = ("auto", "fp32", "bf16")  # training.precision (src/backend/policy.py)
 
 
 @dataclass
@@ -77,7 +78,8 @@ class TrainingConfig:
     batch_size: int = 16  # micro-batch, sequences per forward pass
     grad_accum_steps: int = 1  # effective batch = batch_size * grad_accum_steps
     max_steps: int = 1000
-    time_budget_minutes: float = 0.0  # > 0: max_steps = what fits (src/budget.py)
+    time_budget_minutes: float = 0.0  # > 0: max_steps = what fits (src/train/budget.py)
+    optimizer: str = "adamw"  # one of OPTIMIZERS (src/train/optim.py)
     learning_rate: float = 3e-4
     min_lr_ratio: float = 0.1  # cosine decays to learning_rate * min_lr_ratio
     warmup_steps: int = 100
@@ -90,7 +92,7 @@ class TrainingConfig:
     label_smoothing: float = 0.0
     precision: str = "auto"  # auto | fp32 | bf16
     compile: bool = True
-    streams: int = 0  # streams a micro-batch is split across; 0 = auto (src/step.py)
+    streams: int = 0  # streams a micro-batch is split across; 0 = auto (src/backend/policy.py)
     max_consecutive_skips: int = 10  # non-finite steps in a row before giving up
     spike_factor: float = 10.0  # warn when loss > factor * moving average
 
@@ -246,6 +248,12 @@ def validate(cfg: Config) -> Config:
             getattr(t, name) > 0, f"training.{name}", getattr(t, name), "must be > 0"
         )
     _require(
+        t.optimizer in OPTIMIZERS,
+        "training.optimizer",
+        t.optimizer,
+        f"must be one of {', '.join(OPTIMIZERS)}",
+    )
+    _require(
         t.learning_rate > 0, "training.learning_rate", t.learning_rate, "must be > 0"
     )
     _require(
@@ -281,10 +289,10 @@ def validate(cfg: Config) -> Config:
         "must be in [0, 1)",
     )
     _require(
-        t.precision in ("auto", "fp32", "bf16"),
+        t.precision in PRECISIONS,
         "training.precision",
         t.precision,
-        "must be one of auto, fp32, bf16",
+        f"must be one of {', '.join(PRECISIONS)}",
     )
     _require(
         t.max_consecutive_skips > 0,

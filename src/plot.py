@@ -22,14 +22,11 @@ from pathlib import Path
 
 import numpy as np
 
-from .config import Config, ConfigError, load_config
+from .config import Config, load_config
+from .errors import ConfigError, PlotError
 
 DEFAULT_PNG = "training.png"
 TIME_UNITS = (("h", 3600.0), ("min", 60.0), ("s", 1.0))  # the first >= 2 units
-
-
-class PlotError(ValueError):
-    """A missing or unreadable log folder; the CLI prints it, exit 2."""
 
 
 @dataclass

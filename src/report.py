@@ -14,17 +14,10 @@ import sys
 import time
 from pathlib import Path
 
+from .cli import fmt_bytes
 from .plot import DEFAULT_PNG, Run, load_run, plot_runs
 
 N_SAMPLES = 3
-
-
-def fmt_bytes(n: float) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if n < 1024 or unit == "GiB":
-            return f"{int(n)} B" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    return f"{n:.1f} GiB"
 
 
 def fmt_seconds(s: float) -> str:

@@ -1,11 +1,11 @@
 """How conversation turns become text: the one place that says so.
 
-The chat REPL (`src/chat.py`) uses these templates to turn what is typed into
-tokens, and `python -m src.data prepare --chat-field messages` renders
-conversations with `CHAT` into training documents, so a model fine-tuned on them
-is spoken to in the format it learned. Markers such as "<|user|>" are reserved
-tokens of our tokenizers (`src.tokenizer.CHAT_MARKERS`): inside these strings they
-encode to their single ids. No MLX here: data preparation imports this module.
+The chat REPL (`src.inference.chat`) uses these templates to turn what is typed
+into tokens, and `python -m src.data prepare --chat` renders conversations with
+`CHAT` into training documents, so a model fine-tuned on them is spoken to in the
+format it learned. Markers such as "<|user|>" are reserved tokens of our
+tokenizers (`src.tokenizer.spm.CHAT_MARKERS`): inside these strings they encode to
+their single ids. No MLX here: reading a corpus imports this module.
 """
 
 from __future__ import annotations

@@ -38,7 +38,7 @@ def stories() -> list[str]:
 @pytest.fixture(scope="session")
 def tok_dir(stories, tmp_path_factory) -> Path:
     """A 400-piece tokenizer trained on `stories`."""
-    from src.tokenizer import train_tokenizer
+    from src.tokenizer.training import train_tokenizer
 
     path = tmp_path_factory.mktemp("corpus") / "c.txt"
     path.write_text("\n".join(stories), encoding="utf-8")
@@ -50,7 +50,8 @@ def tok_dir(stories, tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def tiny_dataset(tiny_corpus, tmp_path_factory) -> dict:
     """A 512-token tokenizer and train/val token files made with the real CLIs."""
-    from src import data, tokenizer
+    from src.data import cli as data
+    from src.tokenizer import cli as tokenizer
 
     out = tmp_path_factory.mktemp("dataset")
     tok_dir, data_dir = out / "tokenizer", out / "tokens"

@@ -1,15 +1,16 @@
-"""scripts/benchmark.py end to end on a tiny shape: our step, PyTorch and mlx-lm
-workers start from the same weights and batch, take turns and are reported."""
+"""The training-step benchmark (scripts/benchmark.py) end to end on a tiny shape:
+our step, PyTorch and mlx-lm workers start from the same weights and batch, take
+turns and are reported."""
 
 import argparse
-import importlib.util
 import math
+import subprocess
+import sys
 from pathlib import Path
 
+from src.bench import training as benchmark
+
 ROOT = Path(__file__).resolve().parents[1]
-_spec = importlib.util.spec_from_file_location("benchmark", ROOT / "scripts" / "benchmark.py")  # fmt: skip
-benchmark = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(benchmark)
 
 TINY = dict(vocab_size=256, d_model=64, n_layers=2, n_heads=4, n_kv_heads=2,
             d_ff=128, context_length=32)  # fmt: skip
@@ -34,3 +35,11 @@ def test_workers_agree_take_turns_and_report(tmp_path):
     assert res["ratios"]["ours/torch"] == rows["ours"]["tok_s"] / rows["torch"]["tok_s"]
     md = benchmark.table("t", "tiny", res)
     assert "| mlx_lm |" in md and "ours/mlx_lm" in md
+
+
+def test_script_help():
+    proc = subprocess.run(
+        [sys.executable, "scripts/benchmark.py", "--help"],
+        cwd=ROOT, capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert proc.returncode == 0 and "--shapes" in proc.stdout, proc.stderr

@@ -15,7 +15,7 @@ linux_only = pytest.mark.skipif(
 
 @linux_only
 def test_optimized_blas_is_loaded():
-    from src import blas
+    from src.backend import blas
 
     assert blas.STATUS.optimized, blas.describe()
     maps = Path("/proc/self/maps").read_text()
@@ -41,7 +41,7 @@ def test_fp32_matmul_is_fast():
 
 @linux_only
 def test_disable_switch_and_warning():
-    code = "import src, src.blas as b; print(b.describe())"
+    code = "import src, src.backend.blas as b; print(b.describe())"
     out = subprocess.run(
         [sys.executable, "-c", code],
         cwd=ROOT,
@@ -54,7 +54,7 @@ def test_disable_switch_and_warning():
 
 @linux_only
 def test_too_late_is_reported():
-    code = "import mlx.core, src, src.blas as b; print(b.STATUS.reason)"
+    code = "import mlx.core, src, src.backend.blas as b; print(b.STATUS.reason)"
     out = subprocess.run(
         [sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True
     )

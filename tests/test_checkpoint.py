@@ -16,8 +16,8 @@ import mlx.core as mx
 import numpy as np
 import pytest
 
-from src import checkpoint as ckpt
-from src.checkpoint import (
+from src.checkpoint import store as ckpt
+from src.checkpoint.store import (
     CheckpointError,
     find_latest_valid,
     list_checkpoints,
@@ -27,7 +27,8 @@ from src.checkpoint import (
     save_checkpoint,
     verify_checkpoint,
 )
-from src.rundir import RunLock, check_writable
+from src.files import check_writable
+from src.train.lock import RunLock
 
 REPO = Path(__file__).resolve().parents[1]
 DEAD_PID = 99_999_999  # above any Linux pid_max, so never alive
@@ -249,14 +250,14 @@ def _mlx_write_fails(monkeypatch):
 
 
 def _meta_write_fails(monkeypatch):
-    real = ckpt._write_bytes
+    real = ckpt.write_bytes
 
     def fail_on_meta(path, data):
         if path.name == "meta.json":
             raise OSError(errno.ENOSPC, "No space left on device", str(path))
         real(path, data)
 
-    monkeypatch.setattr(ckpt, "_write_bytes", fail_on_meta)
+    monkeypatch.setattr(ckpt, "write_bytes", fail_on_meta)
     return "No space left on device"
 
 
@@ -300,8 +301,8 @@ def test_check_writable(tmp_path):
 LOCK_SCRIPT = textwrap.dedent(
     """
     import sys
-    from src.checkpoint import CheckpointError
-    from src.rundir import RunLock
+    from src.errors import CheckpointError
+    from src.train.lock import RunLock
     try:
         with RunLock(sys.argv[1]):
             pass
@@ -348,18 +349,18 @@ KILL_SCRIPT = textwrap.dedent(
     """
     import sys, time
     import mlx.core as mx
-    from src import checkpoint as ckpt
+    from src.checkpoint import store as ckpt
 
     run, mode = sys.argv[1], sys.argv[2]
     if mode == "hook":  # stop deterministically with a half-written manifest
-        real = ckpt._write_bytes
+        real = ckpt.write_bytes
         def slow(path, data):
             if path.name == "manifest.json":
                 path.write_bytes(data[: len(data) // 2])
                 print("ready", flush=True)
                 time.sleep(60)
             real(path, data)
-        ckpt._write_bytes = slow
+        ckpt.write_bytes = slow
     weights = {f"w{i}": mx.random.normal((1000, 1250)) for i in range(4)}  # 20 MB
     mx.eval(weights)
     print("saving", flush=True)

@@ -17,18 +17,21 @@ import numpy as np
 import pytest
 from mlx.utils import tree_flatten
 
-from src import checkpoint as ckpt
-from src import convert
+from src.checkpoint import store as ckpt
+from src.convert import cli as convert
+from src.convert import hf
+from src.errors import ConvertError
+from src.backend.policy import DTYPES
 from src.config import config_from_dict
-from src.generate import generate_tokens
-from src.inference import load_model
-from src.model import Model
-from src.tokenizer import Tokenizer
+from src.inference.generate import generate_tokens
+from src.checkpoint.contents import load_model
+from src.model.transformer import Model
+from src.tokenizer.spm import Tokenizer
 
 try:
     import torch
 
-    from src import torch_model
+    from src.convert import torch_model
 except ImportError:  # the optional `torch` extra
     torch = None
 try:
@@ -205,7 +208,7 @@ def test_round_trip_mlx_hf_mlx_is_bitwise(source, tmp_path, dtype):
     exported = mx.load(str(out / "model.safetensors"))
     imported, _, new_meta = ckpt.load_checkpoint(back)
     assert sorted(original) == sorted(exported) == sorted(imported)
-    want = convert.DTYPES[dtype]
+    want = DTYPES[dtype]
     for k, v in original.items():
         assert exported[k].dtype == want, k
         assert mx.array_equal(exported[k], v.astype(want)).item(), k  # exact rounding
@@ -347,14 +350,14 @@ def test_cli_mistakes_exit_2_without_traceback(tmp_path, source, capsys):
 def test_export_refuses_a_config_no_standard_type_expresses(source):
     cfg = config_from_dict(ckpt.read_meta(source[0])["config"])
     cfg.model.parallel_blocks = True  # a future option Llama/Qwen3 cannot express
-    with pytest.raises(convert.ConvertError, match="parallel_blocks"):
-        convert.hf_config(cfg, "fp32", 0)
+    with pytest.raises(ConvertError, match="parallel_blocks"):
+        hf.hf_config(cfg, "fp32", 0)
 
 
 def test_converter_and_model_do_not_import_torch():
     """Only torch_model.py and `--to torch` import torch (lazily)."""
     code = (
-        "import sys, src.convert, src.model, src.checkpoint; "
+        "import sys, src.convert.hf, src.model.transformer, src.checkpoint.store; "
         "sys.exit('torch' in sys.modules)"
     )
     assert subprocess.run([sys.executable, "-c", code], cwd=ROOT).returncode == 0

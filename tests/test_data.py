@@ -13,11 +13,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from src import corpus as C
-from src import data as D
-from src import tokens as T
-from src.tokenizer import Tokenizer, train_tokenizer
-from src.tokens import DataError, TokenLoader, validate_token_file, write_tokens
+from src.corpus import sources as C
+from src.data import cli as D
+from src.data import tokens as T
+from src.tokenizer.spm import Tokenizer
+from src.tokenizer.training import train_tokenizer
+from src.data.tokens import TokenLoader, validate_token_file, write_tokens
+from src.errors import DataError
 
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 
@@ -326,9 +328,9 @@ def test_split_ignores_input_order(capsys, tmp_path, stories, tok_dir):
 def test_delimiters(tmp_path, tok_dir, delimiter, text, n_docs):
     corpus = tmp_path / "c.txt"
     corpus.write_text(text)
-    docs = [d for d, _ in D.iter_documents(corpus, delimiter) if d]
+    docs = [d for d, _ in C.iter_documents(corpus, delimiter) if d]
     assert len(docs) == n_docs
-    assert sum(n for _, n in D.iter_documents(corpus, delimiter)) == len(text)
+    assert sum(n for _, n in C.iter_documents(corpus, delimiter)) == len(text)
 
 
 @pytest.mark.parametrize(
@@ -402,7 +404,7 @@ def test_documents_match_the_line_by_line_reference(tmp_path, chunk, monkeypatch
         path = tmp_path / f"{i}.txt"
         path.write_bytes(text.encode())
         for delimiter in ("###", "blank", "none"):
-            got = list(D.iter_documents(path, delimiter))
+            got = list(C.iter_documents(path, delimiter))
             docs = [d for d, _ in got if d or delimiter != "blank"]
             while docs and not docs[-1]:  # a trailing "" may carry the last bytes
                 docs.pop()
@@ -417,31 +419,31 @@ def test_expand_inputs(tmp_path):
     (tmp_path / "sub").mkdir()
     for name in ("b.txt", "a.txt", "sub/c.txt", "skip.md"):
         (tmp_path / name).write_text("x\n")
-    found = D.expand_inputs([tmp_path, tmp_path / "a.txt", str(tmp_path / "*.txt")])
+    found = C.expand_inputs([tmp_path, tmp_path / "a.txt", str(tmp_path / "*.txt")])
     assert found == [tmp_path / n for n in ("a.txt", "b.txt", "sub/c.txt")]
     (tmp_path / "empty").mkdir()
     with pytest.raises(DataError, match="no .txt files"):
-        D.expand_inputs([tmp_path / "empty"])
+        C.expand_inputs([tmp_path / "empty"])
     with pytest.raises(DataError, match="no files match"):
-        D.expand_inputs([str(tmp_path / "*.json")])
+        C.expand_inputs([str(tmp_path / "*.json")])
     with pytest.raises(DataError, match="no input files"):
-        D.expand_inputs([])
+        C.expand_inputs([])
 
 
 def test_find_corpus(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     monkeypatch.setattr(C, "__file__", str(tmp_path / "repo" / "src" / "corpus.py"))
     with pytest.raises(DataError, match="--data PATH.*src.data download"):
-        D.find_corpus()
+        C.find_corpus()
     raw = tmp_path / "data" / "raw"
     raw.mkdir(parents=True)
     (raw / "TinyStories-valid.txt").write_text("x\n")
-    assert D.find_corpus() == [Path("data/raw/TinyStories-valid.txt")]
+    assert C.find_corpus() == [Path("data/raw/TinyStories-valid.txt")]
     (raw / "tinystories_train.txt").write_text("x\n")
-    assert D.find_corpus() == [Path("data/raw/tinystories_train.txt")]
-    assert D.find_corpus(str(raw)) == sorted(raw.iterdir())
+    assert C.find_corpus() == [Path("data/raw/tinystories_train.txt")]
+    assert C.find_corpus(str(raw)) == sorted(raw.iterdir())
     with pytest.raises(DataError, match="no such file"):
-        D.find_corpus("nope.txt")
+        C.find_corpus("nope.txt")
 
 
 def test_download_with_a_fake_hub(tmp_path, monkeypatch, capsys):
@@ -466,7 +468,7 @@ def test_download_with_a_fake_hub(tmp_path, monkeypatch, capsys):
 
 def test_no_framework_imports():
     code = (
-        "import sys, src.data, src.tokenizer; "
+        "import sys, src.data.cli, src.tokenizer.spm; "
         "bad = {'mlx', 'torch'} & {m.split('.')[0] for m in sys.modules}; "
         "assert not bad, bad"
     )

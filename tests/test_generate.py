@@ -6,16 +6,16 @@ import numpy as np
 import pytest
 
 from src.config import ModelConfig
-from src.generate import (
+from src.inference.generate import (
     Decoder,
     generate_step,
     generate_tokens,
-    make_cache,
     prefill,
 )
-from src.model import Model
-from src.sampling import Sampling, make_processors, make_sampler
-from src.textgen import TextStreamer
+from src.inference.cache import make_cache
+from src.model.transformer import Model
+from src.inference.sampling import Sampling, make_processors, make_sampler
+from src.inference.streaming import TextStreamer
 
 
 def model_(**kw) -> Model:
@@ -161,7 +161,7 @@ TEXTS = [
 
 @pytest.mark.parametrize("text", TEXTS)
 def test_streamed_text_equals_decoded_text(tiny_dataset, text):
-    from src.tokenizer import Tokenizer
+    from src.tokenizer.spm import Tokenizer
 
     tok = Tokenizer.load(tiny_dataset["tokenizer"])
     ids = tok.encode(text)
@@ -173,7 +173,7 @@ def test_streamed_text_equals_decoded_text(tiny_dataset, text):
 
 
 def test_streamer_stop_strings(tiny_dataset):
-    from src.tokenizer import Tokenizer
+    from src.tokenizer.spm import Tokenizer
 
     tok = Tokenizer.load(tiny_dataset["tokenizer"])
     text = "The dog ran. The END came 🙂 after. More."
@@ -192,7 +192,7 @@ def test_streamer_stop_strings(tiny_dataset):
 
 @pytest.fixture(params=["portable", "fused"])
 def kernel_set(request):
-    from src import kernels
+    from src.backend import kernels
 
     kernels.set_kernel_set(request.param)
     yield request.param

@@ -28,7 +28,7 @@ def loaded_after(module: str) -> set[str]:
 
 
 @pytest.mark.parametrize(
-    "module", ["src.config", "src.tokenizer", "src.data", "src.tokens"]
+    "module", ["src.config", "src.tokenizer.spm", "src.data.cli", "src.data.tokens"]
 )
 def test_data_side_imports_no_framework(module):
     loaded = loaded_after(module)
@@ -36,7 +36,7 @@ def test_data_side_imports_no_framework(module):
 
 
 @pytest.mark.parametrize(
-    "module", ["src.train", "src.inference", "src.chat", "src.eval"]
+    "module", ["src.train.trainer", "src.inference.cli", "src.inference.chat", "src.eval.cli"]
 )
 def test_mlx_path_imports_no_torch(module):
     loaded = loaded_after(module)

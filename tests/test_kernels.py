@@ -7,9 +7,10 @@ import mlx.nn as nn
 import numpy as np
 import pytest
 
-from src import kernels
+from src.backend import kernels
 from src.config import config_from_dict
-from src.model import Model
+from src.inference.cache import make_cache
+from src.model.transformer import Model
 
 
 @pytest.fixture
@@ -116,7 +117,7 @@ def test_model_logits_and_cached_decoding_agree(kernel_sets):
     tokens = mx.array(np.random.default_rng(0).integers(0, 97, (2, 20)))
 
     def cached():  # prefill 12 tokens, then 8 one at a time
-        cache = model.make_cache()
+        cache = make_cache(model)
         out = [model(tokens[:, :12], cache)]
         out += [model(tokens[:, i : i + 1], cache) for i in range(12, 20)]
         return mx.concatenate(out, axis=1)

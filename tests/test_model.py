@@ -7,8 +7,8 @@ import pytest
 from mlx.utils import tree_flatten
 
 from src.config import ModelConfig
-from src.generate import generate_tokens
-from src.model import Model
+from src.inference.generate import generate_tokens
+from src.model.transformer import Model
 
 
 def tiny(**kw) -> ModelConfig:

@@ -10,7 +10,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from src import plot, report
+from src import plot
+from src import report
 from src.config import dump_config, load_config
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -12,10 +12,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from src import data as D
-from src import tokens as T
-from src.prepare import QualityFilter, repetition
-from src.tokenizer import Tokenizer
+from src.data import cli as D
+from src.data import tokens as T
+from src.data.documents import QualityFilter, repetition
+from src.tokenizer.spm import Tokenizer
 
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 EOS, BOS = 3, 2
@@ -338,4 +338,4 @@ def test_stats(capsys, prepared):
 def test_help_exits_0(capsys):
     for cmd in ("prepare", "split", "stats"):
         assert run(capsys, cmd, "--help")[0] == 0
-    assert "jsonl" in sys.modules["src.data"].PREPARE_DESCRIPTION
+    assert "jsonl" in sys.modules["src.data.cli"].PREPARE_DESCRIPTION

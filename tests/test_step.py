@@ -12,9 +12,11 @@ import pytest
 from mlx.utils import tree_flatten
 
 from src.config import TrainingConfig, config_from_dict
-from src.model import Model
-from src.optim import build_optimizer, decay_mask, lr_schedule
-from src.step import BFS_WIDTH, BFS_WIDTH_VAR, keep_step_buffers, make_train_step
+from src.model.transformer import Model
+from src.train.optim import build_optimizer, decay_mask
+from src.train.schedule import lr_schedule
+from src.backend.policy import BFS_WIDTH, BFS_WIDTH_VAR, keep_step_buffers
+from src.train.step import make_train_step
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -260,12 +262,17 @@ def test_keep_step_buffers_caches_what_a_step_freed():
 
 
 def test_cpu_evaluation_order_is_wide():
-    """Importing src.step on the CPU widens MLX's evaluation order (read at the first
-    eval) unless the user set it; GPU backends keep MLX's default. See BFS_WIDTH_VAR."""
-    code = f"import os, src.step; print(os.environ.get('{BFS_WIDTH_VAR}'))"
+    """The execution policy widens MLX's evaluation order on the CPU (read at the
+    first eval) unless the user set it; GPU backends keep MLX's default. Importing
+    the step sets nothing (entry points call configure_process; the trainer's
+    log says what it runs with: tests/test_train.py). See BFS_WIDTH_VAR."""
+    setup = "import src.backend.policy as p; p.configure_process()"
+    code = f"import os, src.train.step; {{}}; print(os.environ.get('{BFS_WIDTH_VAR}'))"
     env = {k: v for k, v in os.environ.items() if k != BFS_WIDTH_VAR}
-    run = lambda e: subprocess.run([sys.executable, "-c", code], env=e, cwd=ROOT,  # noqa: E731
-                                   capture_output=True, text=True, check=True).stdout  # fmt: skip
+    run = lambda e, s=setup: subprocess.run([sys.executable, "-c", code.format(s)], env=e,  # noqa: E731
+                                            cwd=ROOT, capture_output=True, text=True,
+                                            check=True).stdout  # fmt: skip
     on_cpu = mx.default_device().type == mx.DeviceType.cpu
     assert run(env).strip() == (BFS_WIDTH if on_cpu else "None")
     assert run({**env, BFS_WIDTH_VAR: "7"}).strip() == "7"
+    assert run(env, "pass").strip() == "None"  # no side effect on import

@@ -10,8 +10,11 @@ from pathlib import Path
 
 import pytest
 
-from src import tokenizer as T
-from src.tokenizer import Tokenizer, TokenizerError, train_tokenizer
+from src.tokenizer import cli as tokenizer_cli
+from src.tokenizer import spm as T
+from src.errors import TokenizerError
+from src.tokenizer.spm import Tokenizer
+from src.tokenizer.training import train_tokenizer
 
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 
@@ -145,7 +148,7 @@ def test_same_seed_same_model(corpus, tmp_path):
 
 
 def run(capsys, *argv):
-    code = T.main([str(a) for a in argv])
+    code = tokenizer_cli.main([str(a) for a in argv])
     out, err = capsys.readouterr()
     return code, out, err
 

@@ -9,7 +9,10 @@ import sys
 import time
 from pathlib import Path
 
+import mlx.core as mx
 import pytest
+
+from src.backend.policy import BFS_WIDTH, BFS_WIDTH_VAR
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -83,6 +86,8 @@ def test_learns_and_writes_everything(tmp_path, tiny_dataset):
         )
     )
     assert "BLAS:" in proc.stderr and "parameters" in proc.stderr
+    if mx.default_device().type == mx.DeviceType.cpu:  # the execution policy, applied
+        assert f"{BFS_WIDTH_VAR}={BFS_WIDTH}" in proc.stderr
     loss = losses(tmp_path)
     assert sorted(loss) == list(range(1, 121))
     first, last = (
@@ -287,7 +292,7 @@ def test_user_errors_exit_2_without_traceback(tmp_path, tiny_dataset):
 
 def test_second_trainer_on_same_run_is_refused(tmp_path, tiny_dataset):
     """C13: the lock is held by a live process; a stale lock file does not block."""
-    from src.rundir import RunLock
+    from src.train.lock import RunLock
 
     run_dir = tmp_path / "ck" / "tiny"
     run_dir.mkdir(parents=True)
@@ -357,7 +362,7 @@ def test_ctrl_c_twice_exits_at_once(tmp_path, tiny_dataset):
     (~80 MB of checkpoint) that the save is still running when the second arrives."""
     import threading
 
-    from src.checkpoint import list_checkpoints, verify_checkpoint
+    from src.checkpoint.store import list_checkpoints, verify_checkpoint
 
     proc = subprocess.Popen(
         cmd(
@@ -396,7 +401,7 @@ def test_ctrl_c_twice_exits_at_once(tmp_path, tiny_dataset):
 
 def test_inference_refuses_other_vocabulary(tmp_path, tiny_dataset, tiny_corpus):
     """V3: a tokenizer with another vocabulary is refused, with both sizes."""
-    from src import tokenizer
+    from src.tokenizer import cli as tokenizer
 
     ok(run(tmp_path, tiny_dataset, training__max_steps=2, eval__interval=0))
     other = tmp_path / "tok400"

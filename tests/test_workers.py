@@ -1,4 +1,4 @@
-"""The parallel path of `prepare` (`src.workers`, `src.documents`): byte ranges of
+"""The parallel path of `prepare` (`src.data.workers`, `src.data.documents`): byte ranges of
 .txt files cut between documents, workers that read them, and output that matches
 a slow document-by-document reference whatever the worker count and range size.
 """
@@ -14,12 +14,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from src import corpus as C
-from src import tokens as T
-from src.documents import QualityFilter, SeenHashes, content_keys, is_val, split_of
-from src.prepare import prepare_dataset
-from src.tokenizer import Tokenizer
-from src.workers import batched, worker_context
+from src.corpus import sources as C
+from src.data import tokens as T
+from src.data.documents import QualityFilter, SeenHashes, content_keys, is_val, split_of
+from src.data.prepare import prepare_dataset
+from src.tokenizer.spm import Tokenizer
+from src.data.workers import batched, worker_context
 
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 

@@ -1,0 +1,3 @@
+"""How MLX runs on this machine: the BLAS it uses on Linux (`blas`), the
+operations whose best form depends on the backend (`kernels`), and the execution
+policy of a process (`policy`: precision, streams, allocator, evaluation order)."""

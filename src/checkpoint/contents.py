@@ -1,0 +1,105 @@
+"""What a checkpoint holds for a model, in one place: the meta it is written with
+(`build_meta`) and the one way back to a config, weights, model and tokenizer
+(`open_checkpoint`, `load_model`), for inference, evaluation, export and resume.
+
+A checkpoint is named by its folder (`checkpoints/<run>/step_00000500`) or a link
+to one (`.../best`, `.../latest`); a run folder is refused with the names to use.
+"""
+
+from __future__ import annotations
+
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import mlx.core as mx
+
+from ..config import Config, config_from_dict
+from ..errors import CheckpointError, ConfigError
+from ..model.transformer import Model
+from ..tokenizer.spm import Tokenizer
+from . import store
+
+TOKENIZER_DIR = "tokenizer"
+
+
+def build_meta(cfg: Config, tokenizer_sha256: str | None, **fields) -> dict:
+    """meta.json of a checkpoint of `cfg` (the store adds "step"): the resolved
+    config, the seed, the tokenizer's sha256, the MLX version, and `fields` (data
+    position, validation loss, provenance...)."""
+    return {
+        "config": cfg.to_dict(),
+        "seed": cfg.training.seed,
+        "tokenizer_sha256": tokenizer_sha256,
+        "mlx_version": mx.__version__,
+        **fields,
+    }
+
+
+def locate(path: str | Path) -> Path:
+    """The verified checkpoint folder `path` names (a link is followed);
+    CheckpointError when there is none, or when `path` is a run folder."""
+    p = Path(path)
+    if not p.is_dir():
+        raise CheckpointError(f"{p}: no such checkpoint folder")
+    if not (p / "meta.json").exists() and (
+        (p / "latest").exists() or store.list_checkpoints(p)
+    ):
+        raise CheckpointError(f"{p} is a run folder: pass {p}/best or {p}/latest")
+    p = p.resolve()
+    store.verify_checkpoint(p)
+    return p
+
+
+@dataclass
+class Checkpoint:
+    """A loaded checkpoint: its folder, config, fp32 weights, optimizer state
+    (empty for an imported model) and meta."""
+
+    path: Path
+    config: Config
+    weights: dict[str, mx.array]
+    optimizer: dict[str, mx.array]
+    meta: dict
+
+
+def open_checkpoint(path: str | Path) -> Checkpoint:
+    """Verify and load a checkpoint (see `locate`)."""
+    path = locate(path)
+    weights, optimizer, meta = store.load_checkpoint(path, verify=False)
+    if not isinstance(meta.get("config"), dict):
+        raise CheckpointError(f"{path}/meta.json has no model config")
+    config = config_from_dict(meta["config"])
+    weights = {k: v.astype(mx.float32) for k, v in weights.items()}
+    return Checkpoint(path, config, weights, optimizer, meta)
+
+
+def load_tokenizer(ck: Checkpoint, tokenizer_path: str | Path | None = None):
+    """The checkpoint's own tokenizer, or `tokenizer_path` if it has the same
+    vocabulary (a warning when it is not the one the model was trained with)."""
+    tokenizer = Tokenizer.load(tokenizer_path or ck.path / TOKENIZER_DIR)
+    if tokenizer.sha256 != ck.meta.get("tokenizer_sha256"):
+        trained = Tokenizer.load(ck.path / TOKENIZER_DIR)
+        if tokenizer.vocab_size != trained.vocab_size:
+            raise ConfigError(
+                f"tokenizer {tokenizer.dir} has {tokenizer.vocab_size} tokens but the "
+                f"model in {ck.path} was trained with a {trained.vocab_size}-token "
+                "tokenizer"
+            )
+        print(
+            f"warning: {tokenizer.dir} is not the tokenizer {ck.path} was trained "
+            "with (same vocabulary size)",
+            file=sys.stderr,
+        )
+    return tokenizer
+
+
+def load_model(path: str | Path, tokenizer_path: str | Path | None = None):
+    """(model in eval mode, tokenizer, meta) of a checkpoint."""
+    ck = open_checkpoint(path)
+    tokenizer = load_tokenizer(ck, tokenizer_path)
+    model = Model(ck.config.model)
+    model.load_weights(list(ck.weights.items()), strict=True)
+    model.eval()
+    mx.eval(model.parameters())
+    return model, tokenizer, ck.meta

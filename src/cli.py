@@ -1,0 +1,112 @@
+"""What every command line of the project shares: how errors end a command,
+the argparse value checks, and numbers formatted for people.
+
+`run(body)` is the one place that turns a user's mistake into `error: <message>`
+and exit status 2 (a `UserError`, or an OS error on a path the user named), and
+Ctrl-C into exit status 130, without a traceback. argparse's own usage errors
+exit 2 as well. No MLX or torch here: the data and tokenizer commands use it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Callable
+
+from .errors import UserError
+
+INTERRUPTED = 130  # 128 + SIGINT, as a shell reports it
+
+
+def fail(message: str, prefix: str = "error") -> int:
+    """Print `prefix: message` to stderr; the exit status of a user error."""
+    print(f"{prefix}: {message}", file=sys.stderr)
+    return 2
+
+
+def run(
+    body: Callable[[], int | None],
+    *,
+    catch: tuple[type[BaseException], ...] = (OSError,),
+    prefix: str = "error",
+) -> int:
+    """Run a command's body; its return value (None = 0) is the exit status.
+
+    `UserError`s, and the exception types in `catch` (OSError by default: a path
+    the user named), print one line and give 2; Ctrl-C gives 130."""
+    try:
+        return body() or 0
+    except (UserError, *catch) as exc:
+        return fail(str(exc), prefix)
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return INTERRUPTED
+
+
+def parse(parser: argparse.ArgumentParser, argv) -> argparse.Namespace | int:
+    """`parser.parse_args(argv)`, or the exit status argparse chose (0 after
+    --help, 2 after a usage error it has printed) instead of raising SystemExit."""
+    try:
+        return parser.parse_args(argv)
+    except SystemExit as exc:
+        return exc.code if isinstance(exc.code, int) else 2
+
+
+# ------------------------------------------------------------ argparse types
+
+
+def positive_int(text: str) -> int:
+    """An integer >= 1."""
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    return int(text)
+
+
+def count(text: str) -> int:
+    """An integer >= 0."""
+    if not text.isdigit():
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}")
+    return int(text)
+
+
+def positive_number(text: str) -> float:
+    """A finite number > 0."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = float("nan")
+    if not 0 < value < float("inf"):
+        raise argparse.ArgumentTypeError(f"expected a number > 0, got {text!r}")
+    return value
+
+
+def number_in(lo: float, hi: float, *, lo_open: bool = False, hi_open: bool = False):
+    """A type for numbers in [lo, hi], each end open where asked."""
+
+    def parse(text: str) -> float:
+        try:
+            v = float(text)
+        except ValueError:
+            v = float("nan")
+        above = lo < v if lo_open else lo <= v
+        below = v < hi if hi_open else v <= hi
+        if not (above and below):
+            bounds = f"{'(' if lo_open else '['}{lo}, {hi}{')' if hi_open else ']'}"
+            raise argparse.ArgumentTypeError(
+                f"expected a number in {bounds}, got {text!r}"
+            )
+        return v
+
+    return parse
+
+
+# --------------------------------------------------------------- for people
+
+
+def fmt_bytes(n: float) -> str:
+    """1536 -> '1.5 KiB' (B, KiB, MiB, GiB)."""
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n < 1024 or unit == "GiB":
+            return f"{int(n)} B" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} GiB"

@@ -1,0 +1,174 @@
+"""A PyTorch reference implementation of src/model/transformer.py, for parity tests and export.
+
+The same architecture with the same module names (so a `state_dict` is our MLX
+weight dictionary, key for key) and the same math:
+- RMSNorm: x * rsqrt(mean(x^2) + eps) computed in fp32, cast back, times the weight;
+- RoPE in the convention of `mx.fast.rope(traditional=False)` (and Hugging Face's
+  `rotate_half`): dimension i of a head pairs with dimension i + head_dim/2, angle
+  position * theta^(-2i/head_dim);
+- grouped-query attention: query head h reads kv head h // (n_heads / n_kv_heads);
+- optional QK-norm (per head, before RoPE), SwiGLU MLP, no biases, and an LM head
+  that is the token embedding when `tie_embeddings` (no `lm_head` key then).
+
+It is written for clarity, not speed: `generate_greedy` re-runs the whole window for
+every new token (no KV cache), which makes it an independent check of the cached MLX
+decoder. This module imports torch and our config only; nothing on the MLX path
+imports it.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..config import ModelConfig
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x32 = x.float()
+        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x32.to(x.dtype)
+
+
+def rope_angles(
+    head_dim: int, theta: float, positions: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos and sin of shape (L, head_dim/2) for integer `positions` (L,)."""
+    inv_freq = theta ** (-torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim)
+    angles = positions.double()[:, None] * inv_freq[None, :]
+    return angles.cos().float(), angles.sin().float()
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate (B, H, L, hd) by halves: (x1, x2) -> (x1 cos - x2 sin, x2 cos + x1 sin)."""
+    x1, x2 = x.float().chunk(2, dim=-1)
+    out = torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
+    return out.to(x.dtype)
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.n_heads, self.n_kv_heads, self.head_dim = (
+            cfg.n_heads,
+            cfg.kv_heads,
+            cfg.head_dim,
+        )
+        self.rope_theta = cfg.rope_theta
+        d, hd = cfg.d_model, cfg.head_dim
+        self.q_proj = nn.Linear(d, self.n_heads * hd, bias=False)
+        self.k_proj = nn.Linear(d, self.n_kv_heads * hd, bias=False)
+        self.v_proj = nn.Linear(d, self.n_kv_heads * hd, bias=False)
+        self.o_proj = nn.Linear(self.n_heads * hd, d, bias=False)
+        self.qk_norm = cfg.qk_norm
+        if cfg.qk_norm:
+            self.q_norm = RMSNorm(hd, cfg.norm_eps)
+            self.k_norm = RMSNorm(hd, cfg.norm_eps)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        B, L, _ = x.shape
+        q = self.q_proj(x).view(B, L, self.n_heads, self.head_dim)
+        k = self.k_proj(x).view(B, L, self.n_kv_heads, self.head_dim)
+        v = self.v_proj(x).view(B, L, self.n_kv_heads, self.head_dim)
+        if self.qk_norm:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # (B, H, L, hd)
+        cos, sin = rope_angles(
+            self.head_dim, self.rope_theta, torch.arange(L, device=x.device)
+        )
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        # GQA: each kv head serves n_heads / n_kv_heads consecutive query heads.
+        groups = self.n_heads // self.n_kv_heads
+        k = k.repeat_interleave(groups, dim=1)
+        v = v.repeat_interleave(groups, dim=1)
+        scores = (q @ k.transpose(-2, -1)) * self.head_dim**-0.5  # (B, H, L, L)
+        causal = torch.ones(L, L, dtype=torch.bool, device=x.device).tril()
+        scores = scores.masked_fill(~causal, float("-inf"))
+        out = scores.float().softmax(dim=-1).to(v.dtype) @ v  # (B, H, L, hd)
+        return self.o_proj(out.transpose(1, 2).reshape(B, L, -1))
+
+
+class MLP(nn.Module):
+    """SwiGLU: down(silu(gate(x)) * up(x))."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.gate_proj = nn.Linear(cfg.d_model, cfg.ffn_dim, bias=False)
+        self.up_proj = nn.Linear(cfg.d_model, cfg.ffn_dim, bias=False)
+        self.down_proj = nn.Linear(cfg.ffn_dim, cfg.d_model, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.input_layernorm = RMSNorm(cfg.d_model, cfg.norm_eps)
+        self.self_attn = Attention(cfg)
+        self.post_attention_layernorm = RMSNorm(cfg.d_model, cfg.norm_eps)
+        self.mlp = MLP(cfg)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = x + self.self_attn(self.input_layernorm(x))
+        return h + self.mlp(self.post_attention_layernorm(h))
+
+
+class Backbone(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.d_model)
+        self.layers = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layers))
+        self.norm = RMSNorm(cfg.d_model, cfg.norm_eps)
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        h = self.embed_tokens(tokens)  # (B, L, D)
+        for layer in self.layers:
+            h = layer(h)
+        return self.norm(h)
+
+
+class Model(nn.Module):
+    """Inference-only reference (no dropout); `forward` returns (B, L, vocab) logits."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.config = cfg
+        self.model = Backbone(cfg)
+        if not cfg.tie_embeddings:
+            self.lm_head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        h = self.model(tokens)
+        if self.config.tie_embeddings:
+            return F.linear(h, self.model.embed_tokens.weight)
+        return self.lm_head(h)
+
+
+def load(path) -> Model:
+    """The reference model from a `python -m src.convert --to torch` file (strict)."""
+    payload = torch.load(path, map_location="cpu", weights_only=True)
+    model = Model(ModelConfig(**payload["config"]))
+    model.load_state_dict(payload["state_dict"], strict=True)
+    return model.to(next(iter(payload["state_dict"].values())).dtype).eval()
+
+
+@torch.no_grad()
+def generate_greedy(model: Model, prompt: list[int], max_new_tokens: int) -> list[int]:
+    """Greedy continuation of `prompt`, re-running the last `context_length` tokens
+    for every new token (the slow, cache-free reference)."""
+    context = model.config.context_length
+    tokens = list(prompt)
+    out: list[int] = []
+    for _ in range(min(max_new_tokens, context - len(tokens))):
+        logits = model(torch.tensor([tokens[-context:]]))[0, -1]
+        out.append(int(logits.float().argmax()))
+        tokens.append(out[-1])
+    return out

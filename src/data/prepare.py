@@ -1,0 +1,315 @@
+"""Documents -> token files (`prepare`), and `split`/`stats` on existing token
+files. No MLX or torch here.
+
+Each document is stripped; empty, too short (fewer than `min_words` words) and
+highly repetitive ones (`src.data.documents.repetition`) are dropped and counted,
+then exact duplicates (same 64-bit key: the first 8 bytes of the text's sha1; the first
+occurrence is kept). A document goes to val when its key falls below
+val_fraction * 2**64: the same text always lands on the same side, whatever the
+input order. Each document is written whole into its split as [BOS] tokens EOS.
+Reading, filtering, hashing and encoding run in worker processes
+(`src.data.workers`); each batch comes back, in input order, as a few numpy arrays,
+and the parent only picks the new documents and writes them, with numpy
+operations per batch rather than Python per document. Memory is bounded by a few
+batches in flight plus 8 bytes per unique document for the duplicate check.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import time
+from collections.abc import Iterable
+from dataclasses import asdict
+from pathlib import Path
+
+import numpy as np
+from tqdm import tqdm
+
+from ..corpus.sources import (
+    DEFAULT_TEXT_FIELD,
+    DOC_DELIMITER,
+    FOLDER_SUFFIXES,
+    RECORD_SUFFIXES,
+    HubSource,
+    describe,
+    expand_inputs,
+)
+from ..tokenizer.spm import CHAT_MARKERS, Tokenizer
+from .documents import (  # noqa: F401  (re-exported)
+    DEFAULT_MAX_REPETITION,
+    DEFAULT_MIN_WORDS,
+    REASONS,
+    Encoded,
+    Job,
+    QualityFilter,
+    SeenHashes,
+    is_val,
+    repetition,
+    split_of,
+)
+from .tokens import (
+    VERSION,
+    DataError,
+    TokenWriter,
+    atomic_file,
+    open_tokens,
+    read_header,
+)
+from .workers import RANGE_BYTES, BatchRunner, iter_tasks
+
+SPLITS = ("train", "val")
+META_FILE = "meta.json"
+DROP_REASONS = ("empty", "too_short", "repetitive", "duplicate")
+
+
+def _check_options(val_fraction, max_docs, max_tokens, filt: QualityFilter) -> None:
+    if not 0.0 < val_fraction < 1.0:
+        raise DataError(f"--val-fraction must be in (0, 1), got {val_fraction}")
+    for name, v in (("--max-docs", max_docs), ("--max-tokens", max_tokens)):
+        if v is not None and v < 1:
+            raise DataError(f"{name} must be >= 1, got {v}")
+    if filt.min_words < 0 or not 0.0 <= filt.max_repetition <= 1.0:
+        raise DataError("need --min-words >= 0 and --max-repetition in [0, 1]")
+
+
+def _check_chat(source, tok: Tokenizer) -> None:
+    """--chat reads conversations from records, in a tokenizer with chat markers."""
+    texts = [] if isinstance(source, HubSource) else source
+    if bad := [p for p in texts if p.suffix.lower() not in RECORD_SUFFIXES]:
+        raise DataError(
+            f"--chat reads conversations from .jsonl/.parquet files or a hub "
+            f"dataset, not {bad[0]}"
+        )
+    if missing := [m for m in CHAT_MARKERS if len(tok.encode(m)) != 1]:
+        raise DataError(
+            f"{tok.dir}: the tokenizer has no single token for {missing[0]} (train "
+            "it with python -m src.tokenizer, which reserves the chat markers)"
+        )
+
+
+def _taken(new, lengths, kept: int, written: int, max_docs, max_tokens) -> int:
+    """How many documents of a batch to take: document i is taken while fewer than
+    max_docs documents are kept and fewer than max_tokens tokens written before it
+    (new: the mask of the batch's documents to keep, lengths: their tokens)."""
+    stop = np.zeros(len(new), bool)
+    if max_docs is not None:
+        stop |= kept + np.cumsum(new) - new >= max_docs
+    if max_tokens is not None:
+        size = np.where(new, lengths, 0)
+        stop |= written + np.cumsum(size) - size >= max_tokens
+    return int(np.argmax(stop)) if stop.any() else len(new)
+
+
+def _count(enc: Encoded, new: np.ndarray, n: int, dropped: dict) -> None:
+    """Add the drop reasons of the first n documents of a batch to `dropped`."""
+    reasons = enc.reasons[:n]
+    counts = np.bincount(reasons, minlength=len(REASONS) + 1)
+    for i, reason in enumerate(REASONS, 1):
+        dropped[reason] += int(counts[i])
+    dropped["duplicate"] += int(np.count_nonzero((reasons == 0) & ~new[:n]))
+
+
+def _route(enc: Encoded, new: np.ndarray, n: int, val_fraction: float) -> dict:
+    """{split: (documents, tokens)} of the new documents among the first n of a
+    batch, in order."""
+    take = new.copy()
+    take[n:] = False
+    val = is_val(enc.keys, val_fraction)
+    encoded = enc.reasons == 0  # the documents whose tokens are in enc.tokens
+    out = {}
+    for split, mask in (("train", take & ~val), ("val", take & val)):
+        per_token = np.repeat(mask[encoded], enc.lengths[encoded])
+        out[split] = int(np.count_nonzero(mask)), enc.tokens[per_token]
+    return out
+
+
+def prepare_dataset(
+    source: Iterable[str | Path] | HubSource,
+    tokenizer: str | Path,
+    output: str | Path,
+    delimiter: str = DOC_DELIMITER,
+    val_fraction: float = 0.1,
+    max_docs: int | None = None,
+    max_tokens: int | None = None,
+    text_field: str = DEFAULT_TEXT_FIELD,
+    quality: QualityFilter | None = None,
+    bos: bool = False,
+    workers: int | None = None,
+    batch_docs: int = 512,
+    range_bytes: int = RANGE_BYTES,
+    chat: bool = False,
+) -> dict:
+    """Local files (any kind `src.corpus` reads) or a hub dataset ->
+    output/{train,val}.bin and meta.json; returns the meta.
+
+    Stops after `max_docs` kept documents or once `max_tokens` tokens are written
+    (whole documents: the last one may cross the limit). `workers` processes
+    read, filter and encode (default: one per core); the output does not depend
+    on it. A task is `range_bytes` of a .txt file (whole documents: more when one
+    is longer) or `batch_docs` texts of other sources. With `chat`, each record's
+    `text_field` is a conversation, rendered in the chat template, and meta.json
+    says `"chat_template": true` (the trainer copies it into its checkpoints, so
+    the REPL speaks to the model in that template).
+    """
+    quality = quality or QualityFilter()
+    _check_options(val_fraction, max_docs, max_tokens, quality)
+    tok = Tokenizer.load(tokenizer)
+    if not isinstance(source, HubSource):
+        source = expand_inputs(source, FOLDER_SUFFIXES)
+    if chat:
+        _check_chat(source, tok)
+    workers = workers or os.cpu_count() or 1
+    out = Path(output)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / META_FILE).unlink(missing_ok=True)  # never a stale meta beside new bins
+    seen = SeenHashes()
+    docs = dict.fromkeys(SPLITS, 0)
+    dropped = dict.fromkeys(DROP_REASONS, 0)
+    written, start = 0, time.perf_counter()
+    job = Job(str(tok.dir / "tokenizer.model"), quality, bos)
+    tasks = iter_tasks(source, delimiter, text_field, batch_docs, range_bytes, chat)
+    with contextlib.ExitStack() as stack:
+        runner = stack.enter_context(BatchRunner(job, workers))
+        files = {s: stack.enter_context(atomic_file(out / f"{s}.bin")) for s in SPLITS}
+        writers = {s: TokenWriter(f, tok.vocab_size) for s, f in files.items()}
+        bar = stack.enter_context(tqdm(unit=" docs", desc="prepare"))
+        results = stack.enter_context(contextlib.closing(runner.map(tasks)))
+        for enc in results:
+            new = seen.add(enc.keys, enc.reasons == 0)
+            kept = sum(docs.values())
+            n = _taken(new, enc.lengths, kept, written, max_docs, max_tokens)
+            _count(enc, new, n, dropped)
+            for s, (n_docs, tokens) in _route(enc, new, n, val_fraction).items():
+                docs[s] += n_docs
+                if tokens.size:
+                    writers[s].write(tokens)
+                    written += tokens.size
+            bar.update(n)
+            rate = written / max(time.perf_counter() - start, 1e-9)
+            bar.set_postfix_str(f"{written:,} tokens, {rate:,.0f} tokens/s", False)
+            if n < len(new):  # a limit is reached
+                break
+        for s, name in (("train", "training"), ("val", "validation")):
+            if docs[s] == 0:
+                raise DataError(
+                    f"the {name} split is empty ({sum(docs.values())} documents "
+                    f"kept, dropped {dropped}, val fraction {val_fraction}): use "
+                    "more text, or check --delimiter, --text-field and the filters"
+                )
+        headers = {s: w.finish() for s, w in writers.items()}
+    meta = {
+        "format_version": VERSION,
+        "tokenizer": {
+            "dir": str(tok.dir),
+            "sha256": tok.sha256,
+            "vocab_size": tok.vocab_size,
+        },
+        "inputs": describe(source),
+        "delimiter": delimiter,
+        "text_field": text_field,
+        "chat_template": chat,
+        "val_fraction": val_fraction,
+        "max_docs": max_docs,
+        "max_tokens": max_tokens,
+        "filters": asdict(quality),
+        "bos": bos,
+        "workers": workers,
+        "eos": True,
+        "dropped": dropped,
+        "duplicates_dropped": dropped["duplicate"],
+        "splits": {
+            s: {"file": f"{s}.bin", "docs": docs[s], **asdict(headers[s])}
+            for s in SPLITS
+        },
+    }
+    with atomic_file(out / META_FILE, "w") as f:
+        json.dump(meta, f, indent=2)
+    return meta
+
+
+# ------------------------------------------------------ existing token files
+
+
+def _eos_cut(tokens: np.ndarray, index: int, eos_id: int, chunk: int = 1 << 20):
+    """The first position >= index just after an EOS (a document boundary), or
+    None when there is none before the end of the file."""
+    if index == 0 or tokens[index - 1] == eos_id:
+        return index
+    for lo in range(index, len(tokens), chunk):
+        hits = np.flatnonzero(tokens[lo : lo + chunk] == eos_id)
+        if hits.size:
+            return lo + int(hits[0]) + 1
+    return None
+
+
+def split_token_file(
+    path: str | Path,
+    output: str | Path,
+    val_fraction: float | None = None,
+    val_tokens: int | None = None,
+    eos_id: int | None = 3,
+) -> dict:
+    """Split a token file by index: the first part -> output/train.bin, the rest
+    -> output/val.bin, plus meta.json. The cut is at n - val_tokens (or
+    n * (1 - val_fraction)), moved forward to just after the next `eos_id` so no
+    document straddles the two files (eos_id None: cut exactly there)."""
+    path, out = Path(path), Path(output)
+    h = read_header(path)
+    if out.resolve() == path.parent.resolve() and path.name in ("train.bin", "val.bin"):
+        raise DataError(f"{path}: would be overwritten; choose another --output")
+    tokens = open_tokens(path)
+    n = h.n_tokens
+    if (val_fraction is None) == (val_tokens is None):
+        raise DataError("give exactly one of --val-fraction and --val-tokens")
+    if val_fraction is not None and not 0.0 < val_fraction < 1.0:
+        raise DataError(f"--val-fraction must be in (0, 1), got {val_fraction}")
+    want = val_tokens if val_tokens is not None else round(n * val_fraction)
+    if not 0 < want < n:
+        raise DataError(f"{path}: cannot take {want} of its {n} tokens for val")
+    cut = n - want if eos_id is None else _eos_cut(tokens, n - want, eos_id)
+    if cut is None or cut >= n:
+        raise DataError(
+            f"{path}: no document boundary (EOS id {eos_id}) after token {n - want};"
+            " pass a larger --val-tokens/--val-fraction or --exact"
+        )
+    out.mkdir(parents=True, exist_ok=True)
+    (out / META_FILE).unlink(missing_ok=True)
+    headers = {}
+    for s, (lo, hi) in zip(SPLITS, ((0, cut), (cut, n)), strict=True):
+        with atomic_file(out / f"{s}.bin") as f:
+            w = TokenWriter(f, h.vocab_size)
+            for a in range(lo, hi, 1 << 22):  # bounded memory
+                w.write(tokens[a : min(hi, a + (1 << 22))])
+            headers[s] = w.finish()
+    meta = {"format_version": VERSION, "split_of": str(path), "cut": cut}
+    parent = path.parent / META_FILE
+    if parent.is_file():  # carry the tokenizer over from the source's meta
+        with contextlib.suppress(ValueError, KeyError, TypeError):
+            meta["tokenizer"] = json.loads(parent.read_text())["tokenizer"]
+    meta["splits"] = {s: {"file": f"{s}.bin", **asdict(headers[s])} for s in SPLITS}
+    with atomic_file(out / META_FILE, "w") as f:
+        json.dump(meta, f, indent=2)
+    return meta
+
+
+def token_stats(path: str | Path, eos_id: int | None = 3) -> dict:
+    """Header fields, documents (EOS count) and mean document length of a file."""
+    path = Path(path)
+    h = read_header(path)
+    tokens = open_tokens(path)
+    n_eos, top = 0, -1
+    for a in range(0, h.n_tokens, 1 << 22):
+        chunk = np.asarray(tokens[a : a + (1 << 22)])
+        top = max(top, int(chunk.max()))
+        if eos_id is not None:
+            n_eos += int(np.count_nonzero(chunk == eos_id))
+    return {
+        "file": str(path),
+        **asdict(h),
+        "bytes": path.stat().st_size,
+        "max_id": top,
+        "docs": n_eos,
+        "mean_doc_tokens": h.n_tokens / n_eos if n_eos else None,
+    }

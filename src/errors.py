@@ -1,0 +1,43 @@
+"""The mistakes a user can make, one class per kind, all `UserError`s.
+
+Every command prints a `UserError` as one line, `error: <message>`, and exits with
+status 2 (`src.cli.run`); anything else is a bug and keeps its traceback. A message
+names what is wrong (the file, key or value) and, where there is one, the fix.
+The second base of each class is what callers caught before this module existed
+(`ValueError`, `RuntimeError`), so `except ValueError` still sees them.
+No imports: every module may import this one.
+"""
+
+from __future__ import annotations
+
+
+class UserError(Exception):
+    """A mistake in the user's input, files or setup (not a bug of ours)."""
+
+
+class ConfigError(UserError, ValueError):
+    """A config file or `--set` override: names the key, the value and the rule."""
+
+
+class DataError(UserError, ValueError):
+    """A corpus or token file that is missing, damaged or unusable: names the file."""
+
+
+class TokenizerError(UserError, ValueError):
+    """A missing or unusable tokenizer, or a bad request when training one."""
+
+
+class CheckpointError(UserError, RuntimeError):
+    """A checkpoint that is missing, incomplete, corrupt or cannot be written."""
+
+
+class ConvertError(UserError, ValueError):
+    """A model that cannot be exported or imported exactly."""
+
+
+class PlotError(UserError, ValueError):
+    """A missing or unreadable log folder."""
+
+
+class DistributedError(UserError, RuntimeError):
+    """Data-parallel ranks that cannot form one consistent job."""

@@ -1,0 +1,217 @@
+"""The chat REPL (`python -m src.inference --checkpoint DIR --interactive`).
+
+The conversation stays in the KV cache: `Chat.tokens` is the transcript, the cache
+holds a prefix of it, and a turn prefills only what the cache lacks (normally the
+new user turn). When the context would overflow, the system prompt and the most
+recent tokens are kept and the cache is rebuilt from them (RoPE positions
+change, so it cannot be shifted in place). Ctrl-C stops a reply, Ctrl-D leaves.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import sys
+
+import mlx.core as mx
+
+from ..template import CHAT, PLAIN, Template
+from .cache import make_cache
+from .generate import Stats, generate_step
+from .sampling import Sampling
+from .streaming import TextStreamer
+
+
+def pick_template(name: str, tokenizer, meta: dict) -> Template:
+    """`auto`: chat markers if the tokenizer has them as single tokens and the
+    checkpoint's meta.json says the model was trained with them, else plain."""
+    if name != "auto":
+        return CHAT if name == "chat" else PLAIN
+    has = all(len(tokenizer.encode(m)) == 1 for m in ("<|user|>", "<|end|>"))
+    return CHAT if has and meta.get("chat_template") else PLAIN
+
+
+class Chat:
+    """A conversation over one KV cache; `say` streams a reply to `out`."""
+
+    def __init__(self, model, tokenizer, sampling: Sampling, template: Template, out):
+        self.model, self.tok, self.s, self.t = model, tokenizer, sampling, template
+        self.out, self.context = out, model.config.context_length
+        markers = {tokenizer.encode(m)[0] for m in template.stop_markers}
+        self.stop_ids = {tokenizer.eos_id} | markers
+        self.n_end = len(tokenizer.encode(template.reply_end))
+        self.system, self.stats, self.turns = "", Stats(), 0
+        self.reset()
+
+    def reset(self) -> None:
+        self.cache, self.tokens, self.transcript = make_cache(self.model), [], []
+        if self.system:
+            self.tokens = self.tok.encode(self.t.system.format(self.system))
+            self.transcript.append(("system", self.system))
+
+    def _fit(self, new: list[int], room: int) -> list[int]:
+        """Make `new` and `room` reply tokens fit: drop the oldest tokens after the
+        system prompt (then it too) and rebuild the cache from what is kept."""
+        new = new[-(self.context - room) :]
+        if len(self.tokens) + len(new) + room <= self.context:
+            return new
+        head = self.tok.encode(self.t.system.format(self.system)) if self.system else []
+        head = head if len(head) + len(new) + room <= self.context else []
+        keep = self.context - room - len(new) - len(head)
+        self.tokens = head + (self.tokens[len(head) :][-keep:] if keep else [])
+        self.cache = make_cache(self.model)
+        print(f"[context full: keeping the last {keep} tokens]", file=self.out)
+        return new
+
+    def say(self, text: str) -> str:
+        """Add a user turn, stream the reply to `out`, return its text."""
+        room = min(self.s.max_tokens, self.context // 2) + self.n_end
+        new = self._fit(self.tok.encode(self.t.user.format(text)), room)
+        self.tokens += new  # after _fit, which may replace self.tokens
+        prompt = mx.array([self.tokens[self.cache[0].offset :]])  # not yet cached
+        n_new = min(self.s.max_tokens, self.context - len(self.tokens) - self.n_end)
+        s = dataclasses.replace(self.s, seed=self.s.seed + self.turns)
+        self.turns, self.stats = self.turns + 1, Stats()
+        streamer, fed = TextStreamer(self.tok, s.stop), list(self.tokens)
+        history = mx.array([self.tokens])
+        steps = generate_step(
+            self.model, prompt, s, self.cache, history, n_new, self.stats
+        )
+        try:
+            for y in steps:
+                fed.append(token := y.item())
+                if token in self.stop_ids:
+                    break
+                self.out.write(streamer.add(token))
+                self.out.flush()
+                if streamer.stopped:
+                    break
+            else:
+                if n_new < self.s.max_tokens:
+                    self.out.write(streamer.finish() + " [context full: reply cut]")
+        except KeyboardInterrupt:
+            self.out.write(" [stopped]")
+        steps.close()
+        self.out.write(streamer.finish() + "\n")
+        reply, n_prompt = streamer.text, len(self.tokens)
+        # the sampled ids, unless a stop string cut the text inside one of them
+        ids = fed[n_prompt:] if not streamer.stopped else self.tok.encode(reply)
+        ids = [i for i in ids if i not in self.stop_ids]
+        self.tokens = (self.tokens + ids + self.tok.encode(self.t.reply_end))[
+            -self.context :
+        ]
+        self._trim_cache(fed)
+        self.transcript += [("user", text), ("assistant", reply)]
+        return reply
+
+    def _trim_cache(self, fed: list[int]) -> None:
+        """Keep only the cached positions that agree with `self.tokens` (the cache
+        may hold a stop token or tokens that re-encoding the reply changed)."""
+        if len({c.offset for c in self.cache}) > 1:  # Ctrl-C between two layers
+            self.cache = make_cache(self.model)
+            return
+        offset = self.cache[0].offset
+        same = 0
+        for a, b in zip(fed[:offset], self.tokens):
+            if a != b:
+                break
+            same += 1
+        for c in self.cache:
+            c.trim(offset - same)
+
+    def save(self, path: str) -> None:
+        lines = [f"[{role}] {text}" for role, text in self.transcript]
+        with open(path, "w", encoding="utf-8") as f:
+            f.write("\n".join(lines) + "\n")
+
+
+HELP = """commands:
+  /help              this list
+  /reset             forget the conversation (keeps /system)
+  /temp X  /top_k N  /top_p X  /min_p X  /rep_penalty X  /max_tokens N  /seed N
+                     set a sampling option (no argument: show it)
+  /system TEXT       set the system prompt and reset
+  /save FILE         write the transcript
+  /stats             tokens and speed of the last reply
+  /quit              leave (or Ctrl-D); Ctrl-C stops a reply"""
+
+OPTIONS = {  # command -> the Sampling field it sets (parsed as that field's type)
+    "/temp": "temperature", "/top_k": "top_k", "/top_p": "top_p", "/min_p": "min_p",
+    "/rep_penalty": "repetition_penalty", "/max_tokens": "max_tokens", "/seed": "seed",
+}  # fmt: skip
+
+
+def command(chat: Chat, line: str) -> bool:
+    """Run one slash command; False means quit."""
+    name, _, arg = line.strip().partition(" ")
+    arg, out = arg.strip(), chat.out
+    if name == "/quit":
+        return False
+    if name in OPTIONS:
+        field = OPTIONS[name]
+        kind = type(getattr(chat.s, field))
+        if arg:
+            try:
+                chat.s = dataclasses.replace(chat.s, **{field: kind(arg)}).check()
+            except ValueError as exc:
+                print(f"error: {exc}", file=out)
+                return True
+        print(f"{field} = {getattr(chat.s, field)}", file=out)
+    elif name == "/reset":
+        chat.reset()
+        print("[conversation reset]", file=out)
+    elif name == "/system":
+        chat.system = arg
+        chat.reset()
+        print("[system prompt set; conversation reset]", file=out)
+    elif name == "/save" and not arg:
+        print("usage: /save FILE", file=out)
+    elif name == "/save":
+        try:
+            chat.save(arg)
+            print(f"[saved {arg}]", file=out)
+        except OSError as exc:
+            print(f"error: {exc}", file=out)
+    elif name == "/stats":
+        used = f"{len(chat.tokens)}/{chat.context} tokens in context"
+        print(f"[{chat.stats.summary()}; {used}]", file=out)
+    else:
+        print(HELP if name == "/help" else f"unknown command {line!r}; /help", file=out)
+    return True
+
+
+def repl(
+    model,
+    tokenizer,
+    meta: dict,
+    sampling: Sampling,
+    template: str = "auto",
+    inp=input,
+    out=sys.stdout,
+) -> int:
+    """Read lines until /quit or end of input; return the exit status."""
+    try:
+        import readline  # noqa: F401  (line editing and history for input())
+    except ImportError:
+        pass
+    chat = Chat(
+        model, tokenizer, sampling, pick_template(template, tokenizer, meta), out
+    )
+    print(f"[{chat.t.name} template, context {chat.context}; /help]", file=out)
+    while True:
+        try:
+            line = inp(">>> ")
+        except EOFError:
+            print(file=out)
+            return 0
+        except KeyboardInterrupt:
+            print(file=out)
+            continue
+        if line.startswith("/"):
+            if not command(chat, line):
+                return 0
+        elif line.strip():
+            try:
+                chat.say(line)
+            except KeyboardInterrupt:  # before the reply began: no cache to trust
+                print(" [stopped]", file=out)
+                chat.cache = make_cache(chat.model)  # refilled from chat.tokens

@@ -1,0 +1,211 @@
+"""`python -m src.tokenizer`: train a tokenizer, encode, decode, and count tokens.
+
+    python -m src.tokenizer train --input data/raw/ --output data/tokenizer --vocab-size 4096
+    python -m src.tokenizer encode --tokenizer data/tokenizer --text "Once upon a time"
+    python -m src.tokenizer stats --tokenizer data/tokenizer --input valid.txt
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from tqdm import tqdm
+
+from .. import cli
+from ..corpus.sources import (
+    DEFAULT_TEXT_FIELD,
+    FOLDER_SUFFIXES,
+    RECORD_SUFFIXES,
+    HubSource,
+    expand_inputs,
+    iter_file,
+)
+from ..errors import TokenizerError
+from .spm import MIN_VOCAB, MODEL_FILE, Tokenizer
+from .training import (
+    DEFAULT_COVERAGE,
+    DEFAULT_HUB_DOCS,
+    DEFAULT_MAX_SENTENCES,
+    MODEL_TYPES,
+    train_tokenizer,
+)
+
+COVERAGE = cli.number_in(0.0, 1.0, lo_open=True)  # --character-coverage in (0, 1]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="python -m src.tokenizer",
+        description="Train and use a SentencePiece tokenizer (exact round trip).",
+    )
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    tr = sub.add_parser(
+        "train",
+        help="train a tokenizer on text files",
+        description="Train on .txt files (one sentence per line; <|endoftext|> "
+        "lines are skipped) or .jsonl/.json/.parquet files (the lines of each "
+        "row's --text-field) and write DIR/tokenizer.model and DIR/tokenizer.json.",
+    )
+    add = tr.add_argument
+    src = tr.add_mutually_exclusive_group(required=True)
+    src.add_argument(
+        "--input",
+        nargs="+",
+        metavar="PATH",
+        help="files, folders (every .txt, .jsonl and .parquet file below) or globs",
+    )
+    src.add_argument(
+        "--hf-dataset", metavar="NAME", help="a Hugging Face hub dataset (network)"
+    )
+    add("--hf-config", metavar="C", help="hub dataset config, e.g. sample-10BT")
+    add("--hf-split", default="train", metavar="S", help="hub split (default train)")
+    add(
+        "--max-docs",
+        type=cli.positive_int,
+        default=DEFAULT_HUB_DOCS,
+        metavar="N",
+        help=f"read the first N rows of a hub dataset (default {DEFAULT_HUB_DOCS})",
+    )
+    add(
+        "--text-field",
+        default=DEFAULT_TEXT_FIELD,
+        metavar="NAME",
+        help=f"field of jsonl/parquet rows holding the text (default "
+        f"{DEFAULT_TEXT_FIELD})",
+    )
+    add("--output", required=True, metavar="DIR", help="folder to write")
+    add(
+        "--vocab-size",
+        type=cli.positive_int,
+        required=True,
+        metavar="N",
+        help=f">= {MIN_VOCAB}",
+    )
+    add("--model-type", choices=MODEL_TYPES, default="bpe", help="(default bpe)")
+    add(
+        "--max-sentences",
+        type=cli.positive_int,
+        default=DEFAULT_MAX_SENTENCES,
+        metavar="N",
+        help="train on a seeded random sample of N lines at most "
+        f"(default {DEFAULT_MAX_SENTENCES})",
+    )
+    add("--seed", type=int, default=0, help="seed of the line sample (default 0)")
+    add(
+        "--character-coverage",
+        type=COVERAGE,
+        default=DEFAULT_COVERAGE,
+        metavar="F",
+        help="share of the text's characters that get a piece of their own; rarer "
+        f"ones fall back to byte pieces (default {DEFAULT_COVERAGE})",
+    )
+    tok_help = "folder made by `train` (or its tokenizer.model)"
+    enc = sub.add_parser("encode", help="print the token ids of a text")
+    enc.add_argument("--tokenizer", required=True, metavar="DIR", help=tok_help)
+    enc.add_argument("--text", help="text to encode (default: read stdin)")
+    enc.add_argument("--bos", action="store_true", help="prepend BOS")
+    enc.add_argument("--eos", action="store_true", help="append EOS")
+    dec = sub.add_parser("decode", help="print the text of token ids")
+    dec.add_argument("--tokenizer", required=True, metavar="DIR", help=tok_help)
+    dec.add_argument("--ids", type=int, nargs="+", required=True, metavar="ID")
+    st = sub.add_parser("stats", help="tokens, bytes and bytes per token of files")
+    st.add_argument("--tokenizer", required=True, metavar="DIR", help=tok_help)
+    st.add_argument(
+        "--input",
+        nargs="+",
+        required=True,
+        metavar="PATH",
+        help=".txt (the whole file), .jsonl/.json/.parquet (the texts) files",
+    )
+    st.add_argument("--text-field", default=DEFAULT_TEXT_FIELD, metavar="NAME")
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = cli.parse(build_parser(), argv)
+    if isinstance(args, int):
+        return args
+    return cli.run(lambda: run(args))
+
+
+def run(args: argparse.Namespace) -> None:
+    if args.command == "train":
+        source = args.input
+        if args.hf_dataset:
+            source = HubSource(args.hf_dataset, args.hf_config, args.hf_split)
+        tok = train_tokenizer(
+            source,
+            args.output,
+            args.vocab_size,
+            model_type=args.model_type,
+            max_sentences=args.max_sentences,
+            seed=args.seed,
+            character_coverage=args.character_coverage,
+            text_field=args.text_field,
+            max_docs=args.max_docs if args.hf_dataset else None,
+        )
+        sha = tok.sha256[:12]
+        print(f"wrote {tok.dir / MODEL_FILE} (vocab {tok.vocab_size}, sha256 {sha})")
+        return
+    tok = Tokenizer.load(args.tokenizer)
+    if args.command == "encode":
+        text = sys.stdin.read() if args.text is None else args.text
+        print(" ".join(map(str, tok.encode(text, bos=args.bos, eos=args.eos))))
+    elif args.command == "decode":
+        print(tok.decode(args.ids))
+    else:
+        paths = expand_inputs(args.input, FOLDER_SUFFIXES)
+        rows = count_tokens(tok, paths, args.text_field)
+        rows.append(("total", sum(r[1] for r in rows), sum(r[2] for r in rows)))
+        for name, n, size in rows:
+            ratio = f"{size / n:.3f}" if n else "n/a"
+            print(f"{name}: {n} tokens, {size} bytes, {ratio} bytes/token")
+
+
+# ------------------------------------------------------------------- stats
+
+
+def _line_chunks(f, n: int) -> list[bytes]:
+    return [b"".join(f.readlines(1 << 20)) for _ in range(n)]  # whole lines, ~1 MiB
+
+
+def _count_records(tok: Tokenizer, path: Path, text_field: str):
+    """(path, tokens, UTF-8 bytes) of the texts of a jsonl/parquet file."""
+    n = nbytes = 0
+    texts = (text for text, _ in iter_file(path, text_field=text_field))
+    while batch := list(itertools.islice(texts, 256)):
+        n += sum(map(len, tok.encode_batch(batch)))
+        nbytes += sum(len(t.encode("utf-8")) for t in batch)
+    return path, n, nbytes
+
+
+def count_tokens(
+    tok: Tokenizer, paths: list[Path], text_field: str = DEFAULT_TEXT_FIELD
+) -> list[tuple[Path, int, int]]:
+    """(path, tokens, bytes) of each file: .txt files encoded in chunks of whole
+    lines (no piece holds a newline, so for BPE this equals encoding the file in
+    one go; a unigram Viterbi may break rare float ties differently, +-1), and the
+    texts of jsonl/parquet files (bytes: of the texts, not of the JSON)."""
+    rows = []
+    total = sum(p.stat().st_size for p in paths)
+    with tqdm(total=total, unit="B", unit_scale=True, desc="encode") as bar:
+        for path in paths:
+            if path.suffix.lower() in RECORD_SUFFIXES:
+                rows.append(_count_records(tok, path, text_field))
+                bar.update(path.stat().st_size)
+                continue
+            n = 0
+            with open(path, "rb") as f:
+                while chunks := [c for c in _line_chunks(f, 16) if c]:
+                    try:
+                        texts = [c.decode("utf-8") for c in chunks]
+                    except UnicodeDecodeError:
+                        raise TokenizerError(f"{path}: not UTF-8 text") from None
+                    n += sum(map(len, tok.encode_batch(texts)))
+                    bar.update(sum(map(len, chunks)))
+            rows.append((path, n, path.stat().st_size))
+    return rows

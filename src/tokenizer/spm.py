@@ -1,0 +1,115 @@
+"""The SentencePiece tokenizer: the wrapper and the special ids (training is in
+`src.tokenizer.training`, the command line in `src.tokenizer.cli`).
+
+`decode(encode(s)) == s` for any str that is valid Unicode, because training uses
+- byte_fallback: a character missing from the vocab becomes its UTF-8 byte pieces,
+  so nothing is ever <unk>;
+- identity normalization, remove_extra_whitespaces=False, add_dummy_prefix=False:
+  no NFKC, whitespace runs, tabs, CR, NUL and leading spaces are kept as they are.
+sentencepiece trains on lines, so no piece contains "\\n": a newline is the byte
+piece <0x0A>. It also writes spaces as U+2581 "▁" and decodes every "▁" piece back
+to a space, so a literal "▁" in the text would come back as " ": the wrapper
+encodes it as its three byte pieces, which decode to "▁" again.
+This module imports neither MLX nor torch.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+
+import sentencepiece as spm
+
+from ..errors import TokenizerError
+
+# Special tokens; the id of each is its index. pad, unk, bos, eos come first.
+SPECIAL_TOKENS = ("<pad>", "<unk>", "<s>", "</s>")
+CHAT_MARKERS = ("<|system|>", "<|user|>", "<|assistant|>", "<|end|>")
+PAD_ID, UNK_ID, BOS_ID, EOS_ID = range(len(SPECIAL_TOKENS))
+N_BYTE_PIECES = 256
+MIN_VOCAB = len(SPECIAL_TOKENS) + len(CHAT_MARKERS) + N_BYTE_PIECES + 1  # + 1 char
+MODEL_FILE, META_FILE = "tokenizer.model", "tokenizer.json"
+WS = "\u2581"  # sentencepiece's whitespace marker
+
+
+class Tokenizer:
+    """A trained SentencePiece model with this project's special ids."""
+
+    def __init__(self, sp: spm.SentencePieceProcessor, sha256: str, directory: Path):
+        self._sp, self.sha256, self.dir = sp, sha256, directory
+        self._threads = os.cpu_count() or 1
+        # The byte pieces that spell a literal "▁" (see the module docstring).
+        self._ws_ids = [sp.piece_to_id(f"<0x{b:02X}>") for b in WS.encode()]
+
+    @classmethod
+    def load(cls, path: str | Path, threads: int | None = None) -> Tokenizer:
+        """Load from a folder holding tokenizer.model, or from the .model file;
+        `encode_batch` uses `threads` threads (default: every core)."""
+        path = Path(path)
+        model = path / MODEL_FILE if path.is_dir() else path
+        if not model.is_file():
+            raise TokenizerError(
+                f"{path}: no tokenizer there (expected a folder with {MODEL_FILE}, "
+                "made by `python -m src.tokenizer train`)"
+            )
+        data = model.read_bytes()
+        try:
+            sp = spm.SentencePieceProcessor(model_proto=data)
+        except RuntimeError as e:
+            raise TokenizerError(f"{model}: not a sentencepiece model ({e})") from None
+        ids = (sp.pad_id(), sp.unk_id(), sp.bos_id(), sp.eos_id())
+        if ids != (PAD_ID, UNK_ID, BOS_ID, EOS_ID) or not sp.is_byte(
+            sp.piece_to_id("<0x00>")
+        ):
+            raise TokenizerError(
+                f"{model}: not trained by src.tokenizer (pad/unk/bos/eos ids {ids}, "
+                "or no byte fallback)"
+            )
+        tok = cls(sp, hashlib.sha256(data).hexdigest(), model.parent)
+        tok._threads = threads or tok._threads
+        return tok
+
+    @property
+    def vocab_size(self) -> int:
+        return self._sp.get_piece_size()
+
+    # The same for every model this module trains (checked in `load`).
+    pad_id, unk_id, bos_id, eos_id = PAD_ID, UNK_ID, BOS_ID, EOS_ID
+
+    def encode(self, text: str, bos: bool = False, eos: bool = False) -> list[int]:
+        """Token ids of `text` (a str without lone surrogates), optionally with
+        BOS/EOS; chat markers such as "<|user|>" in the text become their ids."""
+        if WS in text:
+            parts = [self._sp.encode(part) for part in text.split(WS)]
+            ids = parts[0]
+            for part in parts[1:]:
+                ids += self._ws_ids + part
+        else:
+            ids = self._sp.encode(text)
+        return [BOS_ID] * bos + ids + [EOS_ID] * eos
+
+    def encode_batch(
+        self, texts: Iterable[str], bos: bool = False, eos: bool = False
+    ) -> list[list[int]]:
+        """Same as [encode(t) for t in texts], on all cores."""
+        texts = list(texts)
+        out = self._sp.encode(
+            texts, add_bos=bos, add_eos=eos, num_threads=self._threads
+        )
+        for i, text in enumerate(texts):
+            if WS in text:  # rare: take the exact path
+                out[i] = self.encode(text, bos, eos)
+        return out
+
+    def decode(self, ids: Sequence[int]) -> str:
+        """The text of `ids` (a list or array); special tokens decode to ""."""
+        ids = ids.tolist() if hasattr(ids, "tolist") else [int(i) for i in ids]
+        if ids and (min(ids) < 0 or max(ids) >= self.vocab_size):
+            bad = min(ids) if min(ids) < 0 else max(ids)
+            raise TokenizerError(f"token id {bad} is outside [0, {self.vocab_size})")
+        return self._sp.decode(ids)
+
+    def id_to_piece(self, i: int) -> str:
+        return self._sp.id_to_piece(i)

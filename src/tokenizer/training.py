@@ -1,0 +1,232 @@
+"""Training a SentencePiece tokenizer (exact round trip, fixed special ids; see
+`src.tokenizer.spm`) on a corpus. No MLX or torch here.
+
+Line sampling (--max-sentences) is done here with a seeded reservoir:
+sentencepiece's own input_sentence_size sampling uses a fixed internal seed, and
+`set_random_generator_seed` only takes effect for the first training in a
+process. With input_sentence_size=0 its training is deterministic.
+
+character_coverage defaults to 0.9995, not 1.0: with byte fallback no character is
+ever lost, so coverage only decides which rare characters get a vocab slot of their
+own. 1.0 would spend slots of a small vocab on every stray emoji or CJK character
+(and can exceed a small --vocab-size on noisy text); those cost 2-4 byte tokens.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import itertools
+import json
+import os
+import random
+import re
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+import sentencepiece as spm
+from tqdm import tqdm
+
+from ..corpus.sources import (
+    DEFAULT_TEXT_FIELD,
+    DOC_DELIMITER,
+    FOLDER_SUFFIXES,
+    RECORD_SUFFIXES,
+    HubSource,
+    describe,
+    expand_inputs,
+    iter_file,
+    iter_hub,
+    iter_lines,
+)
+from ..errors import TokenizerError
+from ..files import atomic_file
+from .spm import (
+    BOS_ID,
+    CHAT_MARKERS,
+    EOS_ID,
+    META_FILE,
+    MIN_VOCAB,
+    MODEL_FILE,
+    N_BYTE_PIECES,
+    PAD_ID,
+    SPECIAL_TOKENS,
+    UNK_ID,
+    Tokenizer,
+)
+
+MODEL_TYPES = ("bpe", "unigram")
+DEFAULT_COVERAGE = 0.9995
+DEFAULT_MAX_SENTENCES = 1_000_000
+MAX_LINE_CHARS = 8192  # longer lines are cut; sentencepiece would skip them
+DEFAULT_HUB_DOCS = 200_000  # rows of a hub dataset read to train a tokenizer
+
+
+def _corpus_lines(item: Path | HubSource, text_field: str, max_docs: int | None):
+    """(line, bytes read since the previous line) of a .txt file, or of the texts
+    of a jsonl/parquet file or of the first `max_docs` rows of a hub dataset."""
+    if isinstance(item, Path) and item.suffix.lower() not in RECORD_SUFFIXES:
+        yield from iter_lines(item)
+        return
+    if isinstance(item, HubSource):
+        docs = itertools.islice(iter_hub(item, text_field), max_docs)
+    else:
+        docs = iter_file(item, text_field=text_field)
+    for text, _ in docs:
+        nbytes = len(text.encode("utf-8")) + 1
+        for line in text.split("\n"):
+            yield line.removesuffix("\r"), nbytes
+            nbytes = 0
+
+
+def _sample_lines(
+    sources: list[Path] | HubSource,
+    max_sentences: int,
+    seed: int,
+    text_field: str = DEFAULT_TEXT_FIELD,
+    max_docs: int | None = None,
+):
+    """Read every line once (checking the files), keep a seeded uniform sample of
+    at most max_sentences; return (sample, corpus description)."""
+    rng = random.Random(seed)
+    sample: list[str] = []
+    seen, has_text, files, total = 0, False, [], 0
+    items = [sources] if isinstance(sources, HubSource) else sources
+    size = (
+        None if isinstance(sources, HubSource) else sum(p.stat().st_size for p in items)
+    )
+    with tqdm(total=size, unit="B", unit_scale=True, desc="read corpus") as bar:
+        for item in items:
+            for line, nbytes in _corpus_lines(item, text_field, max_docs):
+                bar.update(nbytes)
+                total += nbytes
+                if not line or line.strip() == DOC_DELIMITER:
+                    continue
+                has_text = has_text or not line.isspace()
+                for start in range(0, len(line), MAX_LINE_CHARS):
+                    seen += 1
+                    piece = line[start : start + MAX_LINE_CHARS]
+                    if len(sample) < max_sentences:
+                        sample.append(piece)
+                    elif (j := rng.randrange(seen)) < max_sentences:
+                        sample[j] = piece  # reservoir sampling (Algorithm R)
+    files = describe(sources)
+    names = ", ".join(map(str, items[:3])) + (" ..." if len(items) > 3 else "")
+    if not seen:
+        raise TokenizerError(f"the corpus is empty: no text lines in {names}")
+    if not has_text:
+        raise TokenizerError(f"the corpus holds only whitespace: {names}")
+    if size is not None:
+        total = size
+    corpus = {"files": files, "bytes": total, "lines": seen, "sampled": len(sample)}
+    return sample, corpus
+
+
+def _explain(message: str, vocab_size: int, coverage: float) -> str:
+    """Turn sentencepiece's internal errors into advice in user terms."""
+    if m := re.search(r"smaller than required_chars\. \d+ vs (\d+)", message):
+        need, chars = int(m[1]), int(m[1]) - MIN_VOCAB + 1
+        return (
+            f"--vocab-size {vocab_size} is too small for this corpus: it needs at "
+            f"least {need} ({MIN_VOCAB - 1} special and byte pieces + {chars} "
+            f"characters at --character-coverage {coverage}); raise --vocab-size "
+            "or lower --character-coverage"
+        )
+    if m := re.search(r"[Vv]ocabulary size (?:is )?too high.*?<=\s*(\d+)", message):
+        return (
+            f"--vocab-size {vocab_size} is too large for this corpus: it supports at "
+            f"most {m[1]} pieces; use --vocab-size {m[1]} or less, or a larger corpus"
+        )
+    return f"sentencepiece failed: {message.strip()}"
+
+
+def train_tokenizer(
+    inputs: Sequence[str | Path] | HubSource,
+    output: str | Path,
+    vocab_size: int,
+    model_type: str = "bpe",
+    max_sentences: int = DEFAULT_MAX_SENTENCES,
+    seed: int = 0,
+    character_coverage: float = DEFAULT_COVERAGE,
+    text_field: str = DEFAULT_TEXT_FIELD,
+    max_docs: int | None = None,
+) -> Tokenizer:
+    """Train on text files (each line is a sentence; `<|endoftext|>` lines are
+    skipped), jsonl/parquet files or a hub dataset (the lines of each row's
+    `text_field`; of the first `max_docs` rows of a hub dataset), and write
+    output/tokenizer.model and output/tokenizer.json."""
+    if vocab_size < MIN_VOCAB:
+        raise TokenizerError(
+            f"--vocab-size {vocab_size} is too small: the minimum is {MIN_VOCAB} "
+            f"({len(SPECIAL_TOKENS) + len(CHAT_MARKERS)} special tokens + "
+            f"{N_BYTE_PIECES} byte pieces + the corpus's characters)"
+        )
+    if model_type not in MODEL_TYPES:
+        raise TokenizerError(
+            f"model type must be one of {MODEL_TYPES}, got {model_type!r}"
+        )
+    if not 0.0 < character_coverage <= 1.0 or max_sentences < 1 or seed < 0:
+        raise TokenizerError(
+            "need 0 < character_coverage <= 1, max_sentences >= 1, seed >= 0"
+        )
+    out = Path(output)
+    if out.exists() and not out.is_dir():
+        raise TokenizerError(f"{out}: exists and is not a folder")
+    if not isinstance(inputs, HubSource):
+        inputs = expand_inputs(inputs, FOLDER_SUFFIXES)
+    sample, corpus = _sample_lines(inputs, max_sentences, seed, text_field, max_docs)
+    print(f"training {model_type} on {len(sample)} lines...", file=sys.stderr)
+    writer = io.BytesIO()
+    try:
+        spm.SentencePieceTrainer.train(
+            sentence_iterator=iter(sample),
+            model_writer=writer,
+            model_type=model_type,
+            vocab_size=vocab_size,
+            character_coverage=character_coverage,
+            byte_fallback=True,
+            normalization_rule_name="identity",
+            remove_extra_whitespaces=False,
+            add_dummy_prefix=False,
+            allow_whitespace_only_pieces=True,  # e.g. indentation as one piece
+            split_digits=True,  # numbers digit by digit: helps small models
+            max_sentence_length=4 * MAX_LINE_CHARS,  # bytes
+            input_sentence_size=0,  # sampled above, with our seed
+            pad_id=PAD_ID,
+            unk_id=UNK_ID,
+            bos_id=BOS_ID,
+            eos_id=EOS_ID,
+            pad_piece=SPECIAL_TOKENS[PAD_ID],
+            unk_piece=SPECIAL_TOKENS[UNK_ID],
+            bos_piece=SPECIAL_TOKENS[BOS_ID],
+            eos_piece=SPECIAL_TOKENS[EOS_ID],
+            user_defined_symbols=list(CHAT_MARKERS),
+            num_threads=os.cpu_count() or 1,
+            minloglevel=2,  # errors only; they come back as RuntimeError
+        )
+    except RuntimeError as e:
+        raise TokenizerError(_explain(str(e), vocab_size, character_coverage)) from None
+    model = writer.getvalue()
+    meta = {
+        "sentencepiece_version": spm.__version__,
+        "model_type": model_type,
+        "vocab_size": vocab_size,
+        "sha256": hashlib.sha256(model).hexdigest(),
+        "special_tokens": {t: i for i, t in enumerate(SPECIAL_TOKENS + CHAT_MARKERS)},
+        "pad_id": PAD_ID,
+        "unk_id": UNK_ID,
+        "bos_id": BOS_ID,
+        "eos_id": EOS_ID,
+        "byte_fallback": True,
+        "normalization": "identity",
+        "character_coverage": character_coverage,
+        "seed": seed,
+        "max_sentences": max_sentences,
+        "corpus": corpus,
+    }
+    with atomic_file(out / MODEL_FILE) as f:
+        f.write(model)
+    with atomic_file(out / META_FILE, "w") as f:
+        json.dump(meta, f, indent=2)
+    return Tokenizer.load(out)

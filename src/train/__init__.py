@@ -1,0 +1,5 @@
+"""Training: the command (`cli`), one run from config to exit code (`run`), what
+it trains (`assembly`: model, `optim`imizer and `schedule`, compiled `step`), the
+loop (`trainer`) and its bookkeeping (`logbook`, `signals`, `resume`, `lock`,
+`memory`, the time `budget`), and data-parallel ranks (`distributed`, `launch`,
+`watchdog`)."""

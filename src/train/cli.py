@@ -1,0 +1,78 @@
+"""`python -m src.train --config configs/tiny.yaml`: train a model.
+
+The config is resolved (YAML, then `--set` overrides) and checked before anything
+else; `--nproc N` launches N data-parallel ranks on this machine
+(`src.train.launch`), and a process started by `mlx.launch` joins its ring
+(`src.train.distributed`). The run itself is `src.train.run.train`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from .. import cli
+from ..backend import policy
+from ..config import dump_config, load_config
+from . import distributed
+from .launch import add_launch_arguments, launch
+from .run import train
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="python -m src.train",
+        description="Train a GPT-style language model with MLX.",
+        epilog="Example: python -m src.train --config configs/tiny.yaml "
+        "--set training.learning_rate=3e-4 --resume auto",
+    )
+    p.add_argument("--config", required=True, help="YAML config file (see configs/)")
+    p.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="SECTION.KEY=VALUE",
+        help="override a config value, e.g. training.max_steps=200 (repeatable)",
+    )
+    p.add_argument(
+        "--resume",
+        metavar="auto|PATH",
+        help="continue a run: 'auto' = newest valid checkpoint of this run, "
+        "or a checkpoint folder (e.g. checkpoints/<run>/latest)",
+    )
+    p.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="start from scratch even if this run already has checkpoints "
+        "(deletes them and the run's logs)",
+    )
+    p.add_argument(
+        "--show-config",
+        action="store_true",
+        help="print the resolved config (every key, with defaults and overrides) and exit",
+    )
+    add_launch_arguments(p)  # --nproc, --start-timeout
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    args = cli.parse(build_parser(), argv)
+    if isinstance(args, int):
+        return args
+    policy.configure_process()
+
+    def run() -> int:
+        cfg = load_config(args.config, args.set)
+        if args.show_config:
+            print(dump_config(cfg), end="")
+            return 0
+        if args.nproc > 1:
+            return launch(argv, args.nproc, cfg)
+        dist = distributed.init(cfg, args.start_timeout)
+        return train(cfg, args.resume, args.overwrite, dist)
+
+    try:
+        return cli.run(run, catch=(), prefix=f"error{distributed.rank_tag()}")
+    except RuntimeError as exc:  # distributed: e.g. another rank died
+        return distributed.report_failure(exc)

@@ -1,0 +1,191 @@
+"""A run's logs: the console, logs/<run>/train.log and logs/<run>/metrics.jsonl.
+
+metrics.jsonl has one row per optimizer step ({"event": "train", "step", "loss",
+"lr", "grad_norm", "skipped"}; rows at a logging boundary add tokens/s, memory and
+wall time), one per validation ({"event": "eval", ...}) and per sample. The loop
+hands over steps as `StepRecord`s of lazy arrays and they are written at logging
+boundaries, so it never waits on `.item()` in between. On resume, rows past the
+checkpoint's step are dropped so the log has no duplicated or missing steps.
+Ranks other than 0 keep a `FollowerLog`: the same bookkeeping, nothing written.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import mlx.core as mx
+from tqdm import tqdm
+
+
+@dataclass
+class StepRecord:
+    """One optimizer step, as the loop keeps it until the next log flush (lazy
+    arrays: reading them would wait for the step)."""
+
+    step: int  # steps done after this one
+    loss: mx.array
+    grad_norm: mx.array
+    ok: mx.array  # False: non-finite, the update was skipped
+    lr: mx.array
+
+
+class RunLog:
+    def __init__(self, log_dir: Path, progress_bar: bool = True):
+        self.dir = Path(log_dir)
+        self.metrics_path = self.dir / "metrics.jsonl"
+        self.text_path = self.dir / "train.log"
+        self.progress_bar = progress_bar
+        self.loss_ema: float | None = None
+
+    # -- console and train.log
+    def _emit(self, line: str) -> None:
+        tqdm.write(line, file=sys.stderr)
+        with open(self.text_path, "a", encoding="utf-8") as f:
+            f.write(f"{time.strftime('%Y-%m-%d %H:%M:%S')} {line}\n")
+
+    def info(self, msg: str) -> None:
+        self._emit(msg)
+
+    def warn(self, msg: str) -> None:
+        self._emit(f"warning: {msg}")
+
+    def error(self, msg: str) -> None:
+        self._emit(f"error: {msg}")
+
+    def write_config(self, text: str) -> None:
+        (self.dir / "config.yaml").write_text(text, encoding="utf-8")
+
+    def progress(self, start: int, total: int) -> tqdm:
+        return tqdm(
+            total=total,
+            initial=start,
+            desc="train",
+            unit="step",
+            disable=not self.progress_bar,
+            dynamic_ncols=True,
+            file=sys.stderr,
+        )
+
+    # -- metrics.jsonl
+    def _append(self, rows: list[dict]) -> None:
+        with open(self.metrics_path, "a", encoding="utf-8") as f:
+            for row in rows:
+                f.write(json.dumps(row) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+
+    def truncate_after(self, step: int) -> None:
+        """Drop rows for steps > `step` (written after the checkpoint we resume from)."""
+        if not self.metrics_path.exists():
+            return
+        keep = []
+        for line in self.metrics_path.read_text(encoding="utf-8").splitlines():
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError:
+                continue  # a torn last line from a kill -9
+            if row.get("step", 0) <= step:
+                keep.append(line + "\n")
+        tmp = self.metrics_path.with_suffix(".tmp")
+        tmp.write_text("".join(keep), encoding="utf-8")
+        os.replace(tmp, self.metrics_path)
+
+    def flush_steps(
+        self,
+        pending: list[StepRecord],
+        tokens_per_s: float,
+        consecutive_bad: int,
+        spike_factor: float,
+        bar: tqdm,
+    ) -> int:
+        """Write buffered step rows; warn about skipped steps and loss spikes.
+
+        Returns the updated count of consecutive non-finite (skipped) steps."""
+        if not pending:
+            return consecutive_bad
+        steps = [p.step for p in pending]
+        values = mx.stack(
+            [
+                mx.stack([p.loss, p.grad_norm, p.ok.astype(mx.float32), p.lr])
+                for p in pending
+            ]
+        ).tolist()
+        rows = []
+        for step, (loss, gnorm, ok, lr) in zip(steps, values):
+            row = {
+                "event": "train",
+                "step": step,
+                "loss": loss,
+                "lr": lr,
+                "grad_norm": gnorm,
+                "skipped": not ok,
+            }
+            if not ok:
+                consecutive_bad += 1
+                self.warn(f"step {step}: non-finite loss or gradient; update skipped")
+            else:
+                consecutive_bad = 0
+                if self.loss_ema is not None and loss > spike_factor * self.loss_ema:
+                    self.warn(
+                        f"step {step}: loss spike {loss:.4f} "
+                        f"(moving average {self.loss_ema:.4f})"
+                    )
+                ema = self.loss_ema
+                self.loss_ema = loss if ema is None else 0.95 * ema + 0.05 * loss
+            rows.append(row)
+        rows[-1]["tokens_per_s"] = tokens_per_s
+        rows[-1]["peak_memory"] = mx.get_peak_memory()
+        rows[-1]["time"] = time.time()  # wall clock, for plots against time
+        self._append(rows)
+        last = rows[-1]
+        bar.set_postfix(
+            loss=f"{last['loss']:.4f}",
+            lr=f"{last['lr']:.2e}",
+            tok_s=f"{tokens_per_s:,.0f}",
+            refresh=False,
+        )
+        if not bar.disable:
+            return consecutive_bad
+        self.info(
+            f"step {last['step']}: loss {last['loss']:.4f} lr {last['lr']:.2e} "
+            f"grad_norm {last['grad_norm']:.3f} {tokens_per_s:,.0f} tok/s"
+        )
+        return consecutive_bad
+
+    def eval_row(self, step: int, metrics: dict) -> None:
+        self._append([{"event": "eval", "step": step, "time": time.time(), **metrics}])
+        self.info(
+            f"step {step}: val loss {metrics['val_loss']:.4f} "
+            f"ppl {metrics['val_ppl']:.2f} bpb {metrics['val_bpb']:.4f}"
+        )
+
+    def sample(self, step: int, prompt: str, text: str) -> None:
+        self._append(
+            [{"event": "sample", "step": step, "prompt": prompt, "text": text}]
+        )
+        self.info(f"sample: {prompt!r} -> {text!r}")
+
+
+class FollowerLog(RunLog):
+    """The log of ranks other than 0: the same bookkeeping (so that every rank takes
+    the same decisions, e.g. to stop after non-finite steps), nothing written."""
+
+    def __init__(self):
+        super().__init__(Path(os.devnull), progress_bar=False)
+
+    def _emit(self, line: str) -> None:
+        pass
+
+    def _append(self, rows: list[dict]) -> None:
+        pass
+
+    def write_config(self, text: str) -> None:
+        pass
+
+    def truncate_after(self, step: int) -> None:
+        pass

@@ -1,0 +1,272 @@
+"""The training loop: steps, logging, validation, samples and checkpoints.
+
+`Trainer` receives everything it uses, assembled by `src.train.run`: the config,
+the model and its compiled step (`Assembly`), the data (`Inputs`), the log, the
+checkpoint folder and the data-parallel place of this process. Each step draws its
+batch and its random seed from (seed, step), so a resumed run repeats the
+uninterrupted one exactly; steps stay lazy `StepRecord`s until the next logging
+boundary, so the loop syncs with the device once per step and reads values only
+when it logs. SIGINT/SIGTERM (`StopSignal`) save at the next step boundary.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import mlx.core as mx
+from mlx.utils import tree_flatten
+from tqdm import tqdm
+
+from ..backend import blas, policy
+from ..checkpoint import store
+from ..checkpoint.contents import build_meta
+from ..cli import fmt_bytes
+from ..config import Config, dump_config
+from ..data.tokens import TokenLoader
+from ..eval.evaluator import Evaluator
+from ..inference.generate import generate_tokens
+from ..tokenizer.spm import Tokenizer
+from .assembly import Assembly
+from .distributed import Dist
+from .logbook import RunLog, StepRecord
+from .signals import StopSignal
+from .step import step_seed
+
+
+@dataclass
+class Inputs:
+    """What a run reads, opened and checked before anything is allocated
+    (`src.train.run.open_inputs`)."""
+
+    tokenizer: Tokenizer
+    train_data: TokenLoader
+    val_data: TokenLoader
+    resume_path: Path | None  # rank 0's checkpoint to continue from
+    resume_meta: dict | None
+
+
+@dataclass(frozen=True)
+class Start:
+    """Where a run starts: the steps already done, and the best validation loss
+    so far (inf when none)."""
+
+    step: int
+    best: float
+
+
+class Trainer:
+    def __init__(
+        self,
+        cfg: Config,
+        parts: Assembly,
+        inputs: Inputs,
+        log: RunLog,
+        ckpt_dir: Path | None,
+        dist: Dist,
+        stop: StopSignal,
+        start: Start,
+    ):
+        t, m = cfg.training, cfg.model
+        self.cfg, self.parts, self.inputs = cfg, parts, inputs
+        self.log, self.ckpt_dir, self.dist, self.stop = log, ckpt_dir, dist, stop
+        self.start, self.best = start.step, start.best
+        self.accum = dist.local_accum(t.grad_accum_steps)  # micro-batches per rank
+        self.rows = dist.rows(t.batch_size * self.accum)  # this rank's share
+        self.tokens_per_step = t.batch_size * t.grad_accum_steps * m.context_length
+        self.evaluator = Evaluator(
+            inputs.val_data, t.batch_size, cfg.eval.max_tokens, inputs.tokenizer.decode
+        )
+        self.consecutive_bad = 0  # non-finite steps in a row
+
+    # ------------------------------------------------------------------ setup
+
+    def announce(self) -> None:
+        """The run's setup, on the console and in train.log; the resolved config
+        to logs/<run>/config.yaml."""
+        cfg, m, t = self.cfg, self.cfg.model, self.cfg.training
+        data = self.inputs
+        self.log.info(blas.describe())
+        self.log.info(policy.describe(self.parts.streams))
+        self.log.info(
+            f"device {mx.default_device()}, compute {self.parts.compute_dtype}, "
+            f"compiled step: {t.compile}"
+        )
+        self.log.info(
+            f"model: {self.parts.model.num_params():,} parameters "
+            f"(d={m.d_model}, layers={m.n_layers}, heads={m.n_heads}/{m.kv_heads}, "
+            f"ffn={m.ffn_dim}, context={m.context_length}, vocab={m.vocab_size}); "
+            f"training memory estimate ~{fmt_bytes(self.parts.memory_estimate(cfg))}"
+        )
+        self.log.info(
+            f"data: {data.train_data.n_tokens:,} train / {data.val_data.n_tokens:,} "
+            f"val tokens; {self.tokens_per_step:,} tokens per step "
+            f"({t.batch_size} x {t.grad_accum_steps} x {m.context_length}); "
+            f"steps {self.start} -> {t.max_steps}"
+        )
+        if self.dist.world > 1:
+            self.log.info(f"data-parallel: {self.dist.world} ranks, {self.accum} x "
+                          f"{t.batch_size} windows each per step")  # fmt: skip
+        self.log.write_config(dump_config(cfg))
+
+    # ------------------------------------------------------------------- loop
+
+    def run(self) -> int:
+        """Train from the start step to `max_steps` (or a stop); the exit code."""
+        self.announce()
+        self.log.truncate_after(self.start)
+        cfg, t = self.cfg, self.cfg.training
+        bar = self.log.progress(self.start, t.max_steps)
+        pending: list[StepRecord] = []
+        meter = _Meter(self.start)
+        step, stopping = self.start, False
+        while step < t.max_steps and not stopping:
+            record, stop = self._step(step)
+            stopping = self._stopping(stop)
+            if step == self.start:  # the first step's buffers are reused from now on
+                policy.keep_step_buffers()
+            step += 1
+            bar.update(1)
+            pending.append(record)
+
+            final = step == t.max_steps
+            eval_now = final or (cfg.eval.interval and step % cfg.eval.interval == 0)
+            save_now = final or (
+                cfg.checkpoint.interval and step % cfg.checkpoint.interval == 0
+            )
+            if step % cfg.logging.interval == 0 or eval_now or save_now:
+                if not self._flush(step, pending, meter, bar):
+                    return 1
+            metric = None
+            if eval_now and not stopping:  # a stop saves without eval
+                metric = self._evaluate(step)
+            stopping = self._stopping(stop)  # one process: also a signal during eval
+            if save_now or stopping:
+                if not self._flush(step, pending, meter, bar):
+                    return 1
+                self._save(step, metric)
+            if eval_now or save_now:
+                meter.restart(step)  # keep eval/save out of tokens/s
+        bar.close()
+        if stopping:
+            self.log.info(f"stopped by signal; saved step {step}")
+        return 0
+
+    def _step(self, step: int) -> tuple[StepRecord, mx.array]:
+        """Run optimizer step `step` (0-based); its record, and whether any rank
+        was asked to stop when it began."""
+        t = self.cfg.training
+        batch = self.inputs.train_data.batch(
+            t.seed, step, t.batch_size * t.grad_accum_steps, self.rows
+        )
+        batch = batch.reshape(self.accum, t.batch_size, -1)
+        mx.random.seed(step_seed(t.seed, step, self.dist.rank))
+        loss, grad_norm, ok = self.parts.train_step(mx.array(batch, dtype=mx.int32))
+        lr = self.parts.optimizer.current_lr
+        # Ranks must stop at the same step: the flags they had when the step
+        # began are summed with it (no extra sync); see _stopping.
+        stop = self.dist.any(self.stop.requested)
+        state = (self.parts.model.state, self.parts.optimizer.state)
+        mx.eval(state, loss, grad_norm, ok, lr, stop)
+        return StepRecord(step + 1, loss, grad_norm, ok, lr), stop
+
+    def _stopping(self, stop: mx.array) -> bool:
+        """Whether to save and stop now. Ranks use the flags summed with the step;
+        one process also takes a signal that came during the step at once."""
+        return self.stop.requested if self.dist.world == 1 else stop.item()
+
+    def _flush(self, step: int, pending: list, meter: _Meter, bar: tqdm) -> bool:
+        """Write the buffered step rows (and empty `pending`); False when too many
+        steps in a row failed."""
+        if not pending:
+            return True
+        t = self.cfg.training
+        tps = self.tokens_per_step * meter.steps_per_s(step)
+        self.consecutive_bad = self.log.flush_steps(
+            pending, tps, self.consecutive_bad, t.spike_factor, bar
+        )
+        pending.clear()
+        meter.restart(step)
+        if self.consecutive_bad >= t.max_consecutive_skips:
+            self.log.error(
+                f"stopping: {self.consecutive_bad} consecutive steps with a non-finite "
+                f"loss or gradient (up to step {step}); lower the learning rate "
+                "or check the data"
+            )
+            return False
+        return True
+
+    def _evaluate(self, step: int) -> float:
+        model = self.parts.model
+        model.eval()
+        result = self.evaluator(self.parts.eval_fn, self.dist.rank, self.dist.world)
+        model.train()
+        self.log.eval_row(step, result.as_dict())
+        for prompt in self.cfg.eval.sample_prompts:
+            if self.cfg.eval.sample_tokens and self.dist.main:
+                self.log.sample(step, prompt, self.sample(prompt))
+        return result.loss
+
+    def sample(self, prompt: str) -> str:
+        """A continuation of `prompt` with the run's sampling settings."""
+        e, tok, model = self.cfg.eval, self.inputs.tokenizer, self.parts.model
+        model.eval()
+        out = generate_tokens(
+            model,
+            tok.encode(prompt),
+            e.sample_tokens,
+            e.temperature,
+            seed=self.cfg.training.seed,
+            eos_id=tok.eos_id,
+        )
+        text = tok.decode(list(out))
+        model.train()
+        return text
+
+    def _save(self, step: int, metric: float | None) -> None:
+        cfg, model = self.cfg, self.parts.model
+        if self.dist.world > 1:  # rank 0 writes; the others wait at the barrier
+            self.log.info(self.dist.check_in_sync(step, model.parameters()))
+            if not self.dist.main:
+                self.dist.barrier()
+                return
+        if metric is not None and metric < self.best:
+            self.best = metric
+        tok, train_meta = self.inputs.tokenizer, self.inputs.train_data.meta or {}
+        meta = build_meta(
+            cfg,
+            tok.sha256,
+            data_position={"seed": cfg.training.seed, "next_step": step},
+            # trained on conversations (prepare --chat): the REPL's `auto` template
+            chat_template=bool(train_meta.get("chat_template")),
+            world_size=self.dist.world,
+            val_loss=metric,
+            best_val_loss=self.best if math.isfinite(self.best) else None,
+        )
+        path = store.save_checkpoint(
+            self.ckpt_dir,
+            step,
+            dict(tree_flatten(model.parameters())),
+            self.parts.optimizer.state_dict(),
+            meta,
+            tokenizer_dir=tok.dir,
+            keep_last=cfg.checkpoint.keep_last,
+            metric=metric,
+        )
+        self.log.info(f"saved {path}")
+        self.dist.barrier()  # a failed save fails every rank, not only rank 0
+
+
+class _Meter:
+    """Tokens/s between logging boundaries: steps since `restart`, over the time."""
+
+    def __init__(self, step: int):
+        self.restart(step)
+
+    def restart(self, step: int) -> None:
+        self.tic, self.step = time.perf_counter(), step
+
+    def steps_per_s(self, step: int) -> float:
+        return (step - self.step) / max(time.perf_counter() - self.tic, 1e-9)
