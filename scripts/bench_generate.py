@@ -36,9 +36,9 @@ from mlx_lm.tokenizer_utils import (  # noqa: E402
 from src.config import load_config  # noqa: E402
 from src.inference.cache import make_cache  # noqa: E402
 from src.inference.generate import generate_step  # noqa: E402
-from src.model.transformer import Model  # noqa: E402
 from src.inference.sampling import Sampling  # noqa: E402
 from src.inference.streaming import TextStreamer  # noqa: E402
+from src.model.transformer import Model  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 

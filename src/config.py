@@ -92,7 +92,9 @@ class TrainingConfig:
     label_smoothing: float = 0.0
     precision: str = "auto"  # auto | fp32 | bf16
     compile: bool = True
-    streams: int = 0  # streams a micro-batch is split across; 0 = auto (src/backend/policy.py)
+    streams: int = (
+        0  # streams a micro-batch is split across; 0 = auto (src/backend/policy.py)
+    )
     max_consecutive_skips: int = 10  # non-finite steps in a row before giving up
     spike_factor: float = 10.0  # warn when loss > factor * moving average
 

@@ -16,12 +16,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
+from . import cli
 from .config import Config, load_config
 from .errors import ConfigError, PlotError
 
@@ -187,15 +187,16 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    try:
+    args = cli.parse(build_parser(), argv)
+    if isinstance(args, int):
+        return args
+
+    def run() -> None:
         runs = [load_run(d) for d in args.runs]
-        out = plot_runs(runs, args.out or default_out(runs))
-    except (ValueError, OSError) as e:  # PlotError, ConfigError, bad --out type
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    print(out)
-    return 0
+        print(plot_runs(runs, args.out or default_out(runs)))
+
+    # matplotlib refuses an --out of a kind it cannot write with a ValueError
+    return cli.run(run, catch=(OSError, ValueError))
 
 
 if __name__ == "__main__":

@@ -10,10 +10,10 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import sys
 import time
 from pathlib import Path
 
+from . import cli
 from .cli import fmt_bytes
 from .plot import DEFAULT_PNG, Run, load_run, plot_runs
 
@@ -158,14 +158,15 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    try:
+    args = cli.parse(build_parser(), argv)
+    if isinstance(args, int):
+        return args
+
+    def run() -> None:
         for d in args.runs:
             print(write_report(d, plot=not args.no_plot))
-    except (ValueError, OSError) as e:  # PlotError, ConfigError, bad --out type
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    return 0
+
+    return cli.run(run, catch=(OSError, ValueError))
 
 
 if __name__ == "__main__":

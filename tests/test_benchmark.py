@@ -1,26 +1,26 @@
-"""The training-step benchmark (scripts/benchmark.py) end to end on a tiny shape:
+"""scripts/benchmark.py end to end through its command line on the tiny shape:
 our step, PyTorch and mlx-lm workers start from the same weights and batch, take
-turns and are reported."""
+turns and are reported (JSON and markdown)."""
 
-import argparse
+import json
 import math
 import subprocess
 import sys
 from pathlib import Path
 
-from src.bench import training as benchmark
-
 ROOT = Path(__file__).resolve().parents[1]
-
-TINY = dict(vocab_size=256, d_model=64, n_layers=2, n_heads=4, n_kv_heads=2,
-            d_ff=128, context_length=32)  # fmt: skip
 
 
 def test_workers_agree_take_turns_and_report(tmp_path):
-    spec = {"model": TINY, "training": {"batch_size": 4}}
-    args = argparse.Namespace(compile_timeout=120, warmup=1, rounds=2, steps=1)
     impls = ["ours", "torch", "mlx_lm"]
-    res = benchmark.bench_shape(spec, impls, args, tmp_path)
+    proc = subprocess.run(
+        [sys.executable, "scripts/benchmark.py", "--shapes", "tiny", "--impls", *impls,
+         "--rounds", "2", "--warmup", "1", "--compile-timeout", "120",
+         "--out", str(tmp_path / "bench")],
+        cwd=ROOT, capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    res = json.loads((tmp_path / "bench.json").read_text())["tiny"]
     rows = res["results"]
     assert list(rows) == impls
     for impl in impls:
@@ -33,13 +33,13 @@ def test_workers_agree_take_turns_and_report(tmp_path):
     assert set(res["gemm_gflops"]) == {"mlx", "torch"}
     assert all(v > 0 for v in res["gemm_gflops"].values())
     assert res["ratios"]["ours/torch"] == rows["ours"]["tok_s"] / rows["torch"]["tok_s"]
-    md = benchmark.table("t", "tiny", res)
+    md = (tmp_path / "bench.md").read_text()
     assert "| mlx_lm |" in md and "ours/mlx_lm" in md
 
 
-def test_script_help():
+def test_unknown_shape_is_a_usage_error():
     proc = subprocess.run(
-        [sys.executable, "scripts/benchmark.py", "--help"],
+        [sys.executable, "scripts/benchmark.py", "--shapes", "huge"],
         cwd=ROOT, capture_output=True, text=True, timeout=60,
     )  # fmt: skip
-    assert proc.returncode == 0 and "--shapes" in proc.stdout, proc.stderr
+    assert proc.returncode == 2 and "invalid choice" in proc.stderr

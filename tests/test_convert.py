@@ -17,14 +17,14 @@ import numpy as np
 import pytest
 from mlx.utils import tree_flatten
 
+from src.backend.policy import DTYPES
 from src.checkpoint import store as ckpt
+from src.checkpoint.contents import build_meta, load_model
+from src.config import config_from_dict
 from src.convert import cli as convert
 from src.convert import hf
 from src.errors import ConvertError
-from src.backend.policy import DTYPES
-from src.config import config_from_dict
 from src.inference.generate import generate_tokens
-from src.checkpoint.contents import load_model
 from src.model.transformer import Model
 from src.tokenizer.spm import Tokenizer
 
@@ -54,28 +54,24 @@ VARIANTS = {  # plain Llama (tied, GQA) and the QK-norm one that exports as qwen
 }
 
 
-def make_checkpoint(run_dir: Path, tokenizer_dir: Path, **model) -> Path:
-    """A verified checkpoint of a tiny model with random, non-trivial weights."""
-    spec = dict(vocab_size=512, d_model=64, n_layers=2, n_heads=4, context_length=64)
-    spec.update(rope_theta=5000.0, init_std=0.15, **model)
-    cfg = config_from_dict({"run_name": run_dir.name, "model": spec})
+def make_checkpoint(run_dir: Path, tokenizer_dir: Path, cfg) -> Path:
+    """A verified checkpoint of model config `cfg` with random, non-trivial weights."""
     mx.random.seed(0)
     weights = dict(tree_flatten(Model(cfg.model).parameters()))
     for k, v in weights.items():
         if v.ndim == 1:  # norm weights: not all ones, so misuse of them shows
             weights[k] = 1 + 0.3 * mx.random.normal(v.shape)
-    tok = Tokenizer.load(tokenizer_dir)
-    meta = {"config": cfg.to_dict(), "tokenizer_sha256": tok.sha256}
+    meta = build_meta(cfg, Tokenizer.load(tokenizer_dir).sha256)
     return ckpt.save_checkpoint(run_dir, 7, weights, {}, meta, tokenizer_dir)
 
 
 @pytest.fixture(scope="module", params=sorted(VARIANTS))
-def source(request, tiny_dataset, tiny_corpus, tmp_path_factory):
+def source(request, tiny_dataset, tiny_corpus, tiny_config, tmp_path_factory):
     """(checkpoint path, MLX model, tokenizer, 64 tokens of real text)."""
     tmp = tmp_path_factory.mktemp(request.param)
-    path = make_checkpoint(
-        tmp / "run", tiny_dataset["tokenizer"], **VARIANTS[request.param]
-    )
+    cfg = tiny_config(vocab_size=512, d_model=64, context_length=64, rope_theta=5000.0,
+                      init_std=0.15, **VARIANTS[request.param])  # fmt: skip
+    path = make_checkpoint(tmp / "run", tiny_dataset["tokenizer"], cfg)
     model, tok, _ = load_model(path)
     ids = tok.encode(tiny_corpus.read_text()[:2000])[:64]
     return path, model, tok, ids
@@ -352,12 +348,3 @@ def test_export_refuses_a_config_no_standard_type_expresses(source):
     cfg.model.parallel_blocks = True  # a future option Llama/Qwen3 cannot express
     with pytest.raises(ConvertError, match="parallel_blocks"):
         hf.hf_config(cfg, "fp32", 0)
-
-
-def test_converter_and_model_do_not_import_torch():
-    """Only torch_model.py and `--to torch` import torch (lazily)."""
-    code = (
-        "import sys, src.convert.hf, src.model.transformer, src.checkpoint.store; "
-        "sys.exit('torch' in sys.modules)"
-    )
-    assert subprocess.run([sys.executable, "-c", code], cwd=ROOT).returncode == 0

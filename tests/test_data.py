@@ -14,28 +14,19 @@ import numpy as np
 import pytest
 
 from src.corpus import sources as C
+from src.corpus import text as CT
 from src.data import cli as D
 from src.data import tokens as T
-from src.tokenizer.spm import Tokenizer
-from src.tokenizer.training import train_tokenizer
 from src.data.tokens import TokenLoader, validate_token_file, write_tokens
 from src.errors import DataError
-
-SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+from src.tokenizer.spm import Tokenizer
+from src.tokenizer.training import train_tokenizer
 
 
 @pytest.fixture(scope="module")
-def corpus(tmp_path_factory) -> Path:
-    """The first ~200 KB of TinyStories, cut after a whole story."""
-    source = SHARED_DATA / "tinystories_train.txt"
-    if not source.is_file():
-        pytest.skip(f"{source} not found (the shared corpora sit beside the repo)")
-    with open(source, "rb") as f:
-        head = f.read(200_000)
-    end = head.rindex(b"<|endoftext|>\n") + len(b"<|endoftext|>\n")
-    path = tmp_path_factory.mktemp("corpus") / "stories.txt"
-    path.write_bytes(head[:end])
-    return path
+def corpus(story_corpus) -> Path:
+    """About 200 KB of stories (conftest: TinyStories, or synthetic without it)."""
+    return story_corpus(200_000)
 
 
 VOCAB, CTX = 1000, 16
@@ -328,9 +319,9 @@ def test_split_ignores_input_order(capsys, tmp_path, stories, tok_dir):
 def test_delimiters(tmp_path, tok_dir, delimiter, text, n_docs):
     corpus = tmp_path / "c.txt"
     corpus.write_text(text)
-    docs = [d for d, _ in C.iter_documents(corpus, delimiter) if d]
+    docs = [d for d, _ in CT.iter_documents(corpus, delimiter) if d]
     assert len(docs) == n_docs
-    assert sum(n for _, n in C.iter_documents(corpus, delimiter)) == len(text)
+    assert sum(n for _, n in CT.iter_documents(corpus, delimiter)) == len(text)
 
 
 @pytest.mark.parametrize(
@@ -395,7 +386,7 @@ def reference_documents(text: str, delimiter: str) -> list[str]:
 
 @pytest.mark.parametrize("chunk", [1, 5, 1 << 20])
 def test_documents_match_the_line_by_line_reference(tmp_path, chunk, monkeypatch):
-    monkeypatch.setattr(C.iter_text_chunks, "__defaults__", (chunk,))
+    monkeypatch.setattr(CT.iter_text_chunks, "__defaults__", (chunk,))
     rng = random.Random(chunk)
     pieces = ["a b", "###", " ### ", "", "  ", "c\r", "\ufeffd", "x###", "é ü 😀"]
     for i in range(300):
@@ -404,7 +395,7 @@ def test_documents_match_the_line_by_line_reference(tmp_path, chunk, monkeypatch
         path = tmp_path / f"{i}.txt"
         path.write_bytes(text.encode())
         for delimiter in ("###", "blank", "none"):
-            got = list(C.iter_documents(path, delimiter))
+            got = list(CT.iter_documents(path, delimiter))
             docs = [d for d, _ in got if d or delimiter != "blank"]
             while docs and not docs[-1]:  # a trailing "" may carry the last bytes
                 docs.pop()
@@ -432,7 +423,8 @@ def test_expand_inputs(tmp_path):
 
 def test_find_corpus(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    monkeypatch.setattr(C, "__file__", str(tmp_path / "repo" / "src" / "corpus.py"))
+    fake = tmp_path / "repo" / "src" / "corpus" / "sources.py"
+    monkeypatch.setattr(C, "__file__", str(fake))
     with pytest.raises(DataError, match="--data PATH.*src.data download"):
         C.find_corpus()
     raw = tmp_path / "data" / "raw"
@@ -444,6 +436,155 @@ def test_find_corpus(tmp_path, monkeypatch):
     assert C.find_corpus(str(raw)) == sorted(raw.iterdir())
     with pytest.raises(DataError, match="no such file"):
         C.find_corpus("nope.txt")
+
+
+# ------------------------------------------------------------ source protocol
+
+ROOT = Path(__file__).resolve().parents[1]
+SOURCE_FLAGS = ("--input", "--hf-dataset", "--hf-config", "--hf-split", "--text-field")
+
+
+def test_each_source_kind_says_what_it_is(tmp_path):
+    docs = ["One story here.", "A second\nstory.", "Third."]
+    (tmp_path / "a.txt").write_text("".join(f"{d}\n<|endoftext|>\n" for d in docs))
+    (tmp_path / "b.jsonl").write_text(
+        "".join(json.dumps({"text": d}) + "\n" for d in docs)
+    )
+    (tmp_path / "meta.json").write_text("{}")  # a folder skips .json files
+    found = C.open_sources([tmp_path, tmp_path / "b.jsonl"])
+    assert found == [C.TextFile(tmp_path / "a.txt"), C.RecordFile(tmp_path / "b.jsonl")]
+    txt, rec = found
+    assert not txt.records and rec.records
+    for source in found:
+        size = source.path.stat().st_size
+        assert source.size == size and str(source) == str(source.path)
+        assert source.describe() == {"path": str(source.path), "bytes": size}
+    assert C.open_sources([str(tmp_path / "meta.json")]) == [
+        C.RecordFile(tmp_path / "meta.json")
+    ]
+    hub = C.HubDataset("org/name", "cfg", "validation")
+    assert hub.records and hub.size is None
+    assert hub.describe() == {
+        "hf_dataset": "org/name",
+        "config": "cfg",
+        "split": "validation",
+    }
+    assert str(hub) == "hub dataset org/name (cfg), split 'validation'"
+    assert C.open_sources(hub=hub) == [hub]
+    assert C.open_sources([hub, tmp_path / "a.txt", txt]) == [hub, txt]
+    with pytest.raises(DataError, match="either input files or a hub dataset"):
+        C.open_sources([tmp_path / "a.txt"], hub=hub)
+    with pytest.raises(DataError, match="no input files"):
+        C.open_sources([])
+    with pytest.raises(DataError, match="not a .jsonl"):
+        C.RecordFile(tmp_path / "a.txt")
+    # The same stories read the same from either kind, as documents, as lines,
+    # and as the tasks of prepare's workers.
+    opts = C.ReadOptions()
+    for source in found:
+        assert [d for d, _ in source.documents(opts) if d] == docs, source
+        lines = [x for x, _ in source.lines(opts) if x != "<|endoftext|>"]
+        assert lines == "\n".join(docs).split("\n"), source
+        tasks = list(source.tasks(opts, batch_docs=2, range_bytes=10))
+        assert len(tasks) > 1
+        got = [d for t in tasks for d in C.task_documents(t) if d]
+        assert got == docs, source
+    assert all(isinstance(t, CT.TextRange) for t in txt.tasks(opts, 2, 10))
+    assert [len(t) for t in rec.tasks(opts, 2, 10)] == [2, 1]
+    assert sum(n for _, n in txt.documents(opts)) == txt.size
+    assert sum(n for _, n in txt.lines(opts)) == txt.size
+    assert [x for x, _ in rec.lines(opts, max_docs=1)] == [docs[0]]
+
+
+def test_a_hub_source_is_opened_only_when_read(monkeypatch):
+    """Building the parsers, reading the flags and describing a hub source touch
+    no network: `datasets.load_dataset` runs only once its rows are read."""
+    from src.tokenizer import cli as tokenizer_cli
+
+    calls = []
+
+    def load_dataset(*args, **kwargs):
+        calls.append((args, kwargs))
+        return iter([{"text": " hub text "}])
+
+    monkeypatch.setitem(
+        sys.modules, "datasets", types.SimpleNamespace(load_dataset=load_dataset)
+    )
+    hub = ["--hf-dataset", "org/name", "--hf-config", "cfg", "--hf-split", "test"]
+    argvs = [
+        ["prepare", *hub, "--tokenizer", "t", "--output", "o"],
+        ["train", *hub, "--output", "o", "--vocab-size", "512"],
+    ]
+    for parser, argv in zip((D, tokenizer_cli), argvs, strict=True):
+        args = parser.build_parser().parse_args(argv)
+        (source,) = C.sources_from_args(args)
+        assert source == C.HubDataset("org/name", "cfg", "test")
+        assert source.records and source.size is None
+        assert source.describe()["hf_dataset"] == "org/name" and str(source)
+        opts = C.ReadOptions()
+        source.documents(opts), source.lines(opts), source.tasks(opts, 8, 8)
+    assert calls == []
+    assert list(source.documents(C.ReadOptions())) == [("hub text", 0)]
+    assert calls == [(("org/name", "cfg"), {"split": "test", "streaming": True})]
+
+
+def test_data_and_tokenizer_clis_share_the_source_flags(capsys):
+    from src import cli
+    from src.tokenizer import cli as tokenizer_cli
+
+    flags = ["--input", "a.txt", "b/", "--hf-split", "s", "--text-field", "story"]
+    data = D.build_parser().parse_args(
+        ["prepare", *flags, "--tokenizer", "t", "--output", "o"]
+    )
+    tok = tokenizer_cli.build_parser().parse_args(
+        ["train", *flags, "--output", "o", "--vocab-size", "512"]
+    )
+    keys = [f.lstrip("-").replace("-", "_") for f in SOURCE_FLAGS]
+    assert [getattr(data, k) for k in keys] == [getattr(tok, k) for k in keys]
+    assert data.input == ["a.txt", "b/"] and data.hf_config is None
+    # Defaults: the data CLI's --text-field depends on --chat; the tokenizer's is
+    # "text".
+    data = D.build_parser().parse_args(
+        ["prepare", "--input", "a", "--tokenizer", "t", "--output", "o"]
+    )
+    tok = tokenizer_cli.build_parser().parse_args(
+        ["train", "--input", "a", "--output", "o", "--vocab-size", "512"]
+    )
+    assert data.text_field is None and tok.text_field == "text"
+    assert data.hf_split == tok.hf_split == "train"
+    for parser, extra in (
+        (D.build_parser(), ["prepare", "--tokenizer", "t", "--output", "o"]),
+        (tokenizer_cli.build_parser(), ["train", "--output", "o", "--vocab-size", "9"]),
+    ):
+        both = [*extra, "--input", "a", "--hf-dataset", "x/y"]
+        assert cli.parse(parser, both) == 2
+        assert "not allowed with argument" in capsys.readouterr().err
+        assert cli.parse(parser, extra) == 2
+        assert "one of the arguments --input --hf-dataset" in capsys.readouterr().err
+        assert cli.parse(parser, [extra[0], "--help"]) == 0
+        usage = capsys.readouterr().out
+        assert all(flag in usage for flag in SOURCE_FLAGS), usage
+
+
+@pytest.mark.parametrize("module", ["src.data", "src.tokenizer"])
+def test_hf_config_without_hf_dataset_exits_2(tmp_path, module):
+    corpus = tmp_path / "c.txt"
+    corpus.write_text("Once upon a time.\n<|endoftext|>\n")
+    out = tmp_path / "out"
+    if module == "src.data":
+        rest = ["prepare", "--tokenizer", str(tmp_path / "tok")]
+    else:
+        rest = ["train", "--vocab-size", "512"]
+    argv = [*rest, "--input", str(corpus), "--hf-config", "c", "--output", str(out)]
+    proc = subprocess.run(
+        [sys.executable, "-m", module, *argv],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+    )
+    assert proc.returncode == 2, proc.stderr
+    assert "error: --hf-config needs --hf-dataset" in proc.stderr, proc.stderr
+    assert "Traceback" not in proc.stderr and not out.exists()
 
 
 def test_download_with_a_fake_hub(tmp_path, monkeypatch, capsys):

@@ -156,7 +156,11 @@ def baseline(tmp_path_factory, tiny_dataset):
         # one BLAS thread, as each of 2 ranks gets from --nproc: OpenBLAS sums
         # some products in another order with 2 threads than with 1 (the 1e-7
         # difference grows to 1e-4 in 40 steps too)
-        start(trainer(one, tiny_dataset), one, env={**os.environ, "OPENBLAS_NUM_THREADS": "1"}),
+        start(
+            trainer(one, tiny_dataset),
+            one,
+            env={**os.environ, "OPENBLAS_NUM_THREADS": "1"},
+        ),
         start(trainer(other, tiny_dataset, "--nproc", "2", training__seed=7), other),
     ]
     for proc, out in zip(procs, (two, one, other)):

@@ -12,8 +12,8 @@ import mlx.core as mx
 import numpy as np
 import pytest
 
-from src.eval import cli as ev
 from src.data.tokens import TokenLoader, write_tokens
+from src.eval import cli as ev
 
 ROOT = Path(__file__).resolve().parents[1]
 MAX_TOKENS = 1024
@@ -124,8 +124,8 @@ def test_cli_token_file_matches_training_log(run, capsys):
 def test_cli_text_equals_its_token_file(run, tiny_dataset, capsys, tmp_path):
     """Raw text is tokenized as `prepare` writes documents (tokens EOS): the text
     of the val split's documents scores exactly as val.bin."""
-    from src.tokenizer.spm import Tokenizer
     from src.data.tokens import open_tokens
+    from src.tokenizer.spm import Tokenizer
 
     tok = Tokenizer.load(tiny_dataset["tokenizer"])
     ids = np.asarray(open_tokens(run["val"]))

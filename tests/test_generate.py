@@ -5,23 +5,27 @@ import mlx.core as mx
 import numpy as np
 import pytest
 
-from src.config import ModelConfig
+from src.inference.cache import make_cache
 from src.inference.generate import (
     Decoder,
     generate_step,
     generate_tokens,
     prefill,
 )
-from src.inference.cache import make_cache
-from src.model.transformer import Model
 from src.inference.sampling import Sampling, make_processors, make_sampler
 from src.inference.streaming import TextStreamer
+from src.model.transformer import Model
 
 
-def model_(**kw) -> Model:
-    mx.random.seed(kw.pop("seed", 0))
-    cfg = dict(vocab_size=97, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2)
-    return Model(ModelConfig(**{**cfg, "context_length": 32, **kw}))
+@pytest.fixture
+def make_model(tiny_config):
+    """make_model(seed=0, **model options): a tiny model with context 32."""
+
+    def make(seed: int = 0, **kw) -> Model:
+        mx.random.seed(seed)
+        return Model(tiny_config(**{"context_length": 32, **kw}).model)
+
+    return make
 
 
 def diff(a, b) -> str:
@@ -35,8 +39,8 @@ def run(model, prompt, s, cache=True, n=None) -> list[list[int]]:
 
 
 @pytest.mark.parametrize("chunk", [1, 3, 100])
-def test_cached_logits_equal_full_recompute(chunk):
-    model = model_(qk_norm=True)
+def test_cached_logits_equal_full_recompute(chunk, make_model):
+    model = make_model(qk_norm=True)
     seq = mx.array([[5, 17, 3, 44, 9, 60, 2, 81, 33, 7, 12, 90]])
     full = model(seq)  # (1, 12, V): every position from scratch
     cache = make_cache(model)
@@ -49,8 +53,8 @@ def test_cached_logits_equal_full_recompute(chunk):
     assert cache[0].keys.shape[2] == 32  # preallocated to the context, never grown
 
 
-def test_cached_tokens_equal_uncached_with_every_knob():
-    model = model_()
+def test_cached_tokens_equal_uncached_with_every_knob(make_model):
+    model = make_model()
     prompt = [[5, 17, 3, 44, 9]]
     knobs = Sampling(
         temperature=1.2,
@@ -68,8 +72,8 @@ def test_cached_tokens_equal_uncached_with_every_knob():
         assert run(model, prompt, s) == run(model, prompt, s, cache=False)
 
 
-def test_greedy_is_deterministic_and_seed_reproduces():
-    model = model_()
+def test_greedy_is_deterministic_and_seed_reproduces(make_model):
+    model = make_model()
     greedy = Sampling(temperature=0, max_tokens=15)
     assert run(model, [[1, 2, 3]], greedy) == run(model, [[1, 2, 3]], greedy)
     a, b, c = (Sampling(temperature=1.5, seed=k, max_tokens=25) for k in (7, 7, 8))
@@ -127,8 +131,8 @@ def test_penalties_touch_only_the_window():
     assert freq == [1.5, -3.0, 1, 1, 0.0]
 
 
-def test_v6_edge_cases(capsys):
-    model = model_()
+def test_v6_edge_cases(capsys, make_model):
+    model = make_model()
     assert list(generate_tokens(model, [1, 2], 0)) == []
     assert len(list(generate_tokens(model, [], 3, eos_id=None))) == 3
     s = Sampling(temperature=1.0, top_k=10_000, max_tokens=5)
@@ -143,8 +147,8 @@ def test_v6_edge_cases(capsys):
     )
 
 
-def test_batch_rows_equal_single_rows():
-    model = model_()
+def test_batch_rows_equal_single_rows(make_model):
+    model = make_model()
     prompts = [[5, 17, 3], [44, 9, 60], [2, 81, 33]]
     s = Sampling(temperature=0, repetition_penalty=1.5, max_tokens=12)
     batched = np.array(run(model, prompts, s)).T.tolist()
@@ -199,10 +203,10 @@ def kernel_set(request):
     kernels.set_kernel_set(None)
 
 
-def test_compiled_decode_equals_eager_and_full_recompute(kernel_set):
+def test_compiled_decode_equals_eager_and_full_recompute(kernel_set, make_model):
     """The compiled step (window buckets of 4, so it crosses several) gives the
     eager cached step's logits and a full recompute's, on a batch of 2."""
-    model = model_(qk_norm=True)
+    model = make_model(qk_norm=True)
     seq = mx.array(np.random.default_rng(1).integers(0, 97, (2, 30)))
     full = model(seq)
     decoder, eager = Decoder(model, bucket=4), make_cache(model)
@@ -218,10 +222,10 @@ def test_compiled_decode_equals_eager_and_full_recompute(kernel_set):
     assert cache[0].keys.shape[2] == 32  # written in place, never grown
 
 
-def test_padded_rows_compute_what_they_would_alone(kernel_set):
+def test_padded_rows_compute_what_they_would_alone(kernel_set, make_model):
     """Left-padded rows of a batch give each row's own logits (prefill in chunks,
     then compiled and eager decode steps), and greedy decoding the same tokens."""
-    model = model_()
+    model = make_model()
     rows = [[5, 17, 3], [4, 8, 15, 16, 23, 42, 7], [9, 9, 1, 2, 3]]
     pads = [7 - len(r) for r in rows]
     batch = mx.array([[0] * p + r for p, r in zip(pads, rows)])

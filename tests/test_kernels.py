@@ -8,7 +8,6 @@ import numpy as np
 import pytest
 
 from src.backend import kernels
-from src.config import config_from_dict
 from src.inference.cache import make_cache
 from src.model.transformer import Model
 
@@ -99,19 +98,8 @@ def test_attention(kernel_sets, L, T, mask):
     close(*kernel_sets(lambda: grads(q, k, v)))
 
 
-def test_model_logits_and_cached_decoding_agree(kernel_sets):
-    cfg = config_from_dict(
-        {
-            "model": dict(
-                vocab_size=97,
-                d_model=48,
-                n_layers=2,
-                n_heads=6,
-                n_kv_heads=2,
-                context_length=32,
-            )
-        }  # fmt: skip
-    ).model
+def test_model_logits_and_cached_decoding_agree(kernel_sets, tiny_config):
+    cfg = tiny_config(d_model=48, n_heads=6, context_length=32).model
     mx.random.seed(0)
     model = Model(cfg)
     tokens = mx.array(np.random.default_rng(0).integers(0, 97, (2, 20)))

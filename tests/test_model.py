@@ -6,22 +6,8 @@ import numpy as np
 import pytest
 from mlx.utils import tree_flatten
 
-from src.config import ModelConfig
 from src.inference.generate import generate_tokens
 from src.model.transformer import Model
-
-
-def tiny(**kw) -> ModelConfig:
-    base = dict(
-        vocab_size=97,
-        d_model=32,
-        n_layers=2,
-        n_heads=4,
-        n_kv_heads=2,
-        context_length=24,
-    )
-    base.update(kw)
-    return ModelConfig(**base)
 
 
 def diff(a, b):
@@ -32,19 +18,19 @@ def diff(a, b):
 @pytest.mark.parametrize(
     "kw", [{}, {"qk_norm": True}, {"tie_embeddings": False}, {"n_kv_heads": None}]
 )
-def test_shapes_and_param_count(kw):
-    cfg = tiny(**kw)
+def test_shapes_and_param_count(kw, tiny_config):
+    cfg = tiny_config(**kw).model
     model = Model(cfg)
     logits = model(mx.zeros((3, 10), dtype=mx.int32))
     assert logits.shape == (3, 10, cfg.vocab_size)
     assert model.num_params() == cfg.num_params()
 
 
-def test_hf_names():
+def test_hf_names(tiny_config):
     names = {
         k
         for k, _ in tree_flatten(
-            Model(tiny(qk_norm=True, tie_embeddings=False)).parameters()
+            Model(tiny_config(qk_norm=True, tie_embeddings=False).model).parameters()
         )
     }
     for name in [
@@ -60,9 +46,9 @@ def test_hf_names():
         assert name in names, name
 
 
-def test_causal():
+def test_causal(tiny_config):
     mx.random.seed(0)
-    model = Model(tiny())
+    model = Model(tiny_config().model)
     a = mx.random.randint(0, 97, (2, 16))
     b = mx.concatenate([a[:, :10], mx.random.randint(0, 97, (2, 6))], axis=1)
     la, lb = model(a), model(b)
@@ -70,8 +56,8 @@ def test_causal():
     assert not mx.allclose(la[:, 10:], lb[:, 10:], atol=1e-3)
 
 
-def test_residual_init_is_scaled():
-    model = Model(tiny(n_layers=8, init_std=0.02))
+def test_residual_init_is_scaled(tiny_config):
+    model = Model(tiny_config(n_layers=8, init_std=0.02).model)
     layer = model.model.layers[0]
     q_std = np.std(np.array(layer.self_attn.q_proj.weight))
     o_std = np.std(np.array(layer.self_attn.o_proj.weight))
@@ -79,11 +65,11 @@ def test_residual_init_is_scaled():
     assert mx.all(layer.input_layernorm.weight == 1).item()
 
 
-def test_gradient_checkpointing_matches():
+def test_gradient_checkpointing_matches(tiny_config):
     mx.random.seed(1)
-    cfg = tiny()
+    cfg = tiny_config().model
     plain = Model(cfg)
-    ckpt = Model(tiny(gradient_checkpointing=True))
+    ckpt = Model(tiny_config(gradient_checkpointing=True).model)
     ckpt.update(plain.parameters())
     tokens = mx.random.randint(0, 97, (2, 12))
 
@@ -97,9 +83,9 @@ def test_gradient_checkpointing_matches():
         assert mx.allclose(a, b, atol=1e-6), f"{k}: {diff(a, b)}"
 
 
-def test_cached_generation_matches_uncached():
+def test_cached_generation_matches_uncached(tiny_config):
     mx.random.seed(2)
-    model = Model(tiny(qk_norm=True))
+    model = Model(tiny_config(qk_norm=True).model)
     prompt = [5, 17, 3, 44, 9]
     fast = list(generate_tokens(model, prompt, 15, temperature=0.0))
     slow = list(generate_tokens(model, prompt, 15, temperature=0.0, use_cache=False))
@@ -111,8 +97,8 @@ def test_cached_generation_matches_uncached():
     assert fast == slow
 
 
-def test_generation_edge_cases():
-    model = Model(tiny())
+def test_generation_edge_cases(tiny_config):
+    model = Model(tiny_config().model)
     assert list(generate_tokens(model, [1, 2], 0)) == []
     assert len(list(generate_tokens(model, [], 3))) == 3  # empty prompt is defined
     long_prompt = list(range(90)) * 2  # longer than the context (24)

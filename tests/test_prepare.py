@@ -17,7 +17,6 @@ from src.data import tokens as T
 from src.data.documents import QualityFilter, repetition
 from src.tokenizer.spm import Tokenizer
 
-SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 EOS, BOS = 3, 2
 
 

@@ -11,44 +11,34 @@ import numpy as np
 import pytest
 from mlx.utils import tree_flatten
 
-from src.config import TrainingConfig, config_from_dict
+from src.backend.policy import BFS_WIDTH, BFS_WIDTH_VAR, keep_step_buffers
+from src.config import TrainingConfig
 from src.model.transformer import Model
 from src.train.optim import build_optimizer, decay_mask
 from src.train.schedule import lr_schedule
-from src.backend.policy import BFS_WIDTH, BFS_WIDTH_VAR, keep_step_buffers
 from src.train.step import make_train_step
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def setup(compile, accum=2, **train):
-    cfg = config_from_dict(
-        {
-            "model": dict(
-                vocab_size=61,
-                d_model=32,
-                n_layers=2,
-                n_heads=4,
-                n_kv_heads=2,
-                context_length=16,
-                dropout=train.pop("dropout", 0.0),
-            ),
-            "training": {
-                **dict(
-                    batch_size=4,
-                    grad_accum_steps=accum,
-                    warmup_steps=3,
-                    max_steps=30,
-                    learning_rate=3e-3,
-                ),
-                **train,
-            },
-        }
-    )
-    mx.random.seed(0)
-    model = Model(cfg.model)
-    opt = build_optimizer(model, cfg.training)
-    return model, opt, make_train_step(model, opt, cfg.training, compile=compile), cfg
+@pytest.fixture
+def setup(tiny_config):
+    """setup(compile, accum=2, **training) -> (model, optimizer, step, config) of
+    a tiny model (vocab 61, context 16) seeded with 0."""
+
+    def make(compile, accum=2, **train):
+        dropout = train.pop("dropout", 0.0)
+        training = dict(batch_size=4, grad_accum_steps=accum, warmup_steps=3,
+                        max_steps=30, learning_rate=3e-3)  # fmt: skip
+        training.update(train)
+        cfg = tiny_config(training, vocab_size=61, context_length=16, dropout=dropout)
+        mx.random.seed(0)
+        model = Model(cfg.model)
+        opt = build_optimizer(model, cfg.training)
+        step = make_train_step(model, opt, cfg.training, compile=compile)
+        return model, opt, step, cfg
+
+    return make
 
 
 def batches(n, accum=2, seed=0):
@@ -70,7 +60,7 @@ def run(step, model, opt, data, seed=None):
 
 
 @pytest.mark.parametrize("dropout", [0.0, 0.1])
-def test_compiled_equals_eager(dropout):
+def test_compiled_equals_eager(dropout, setup):
     data = batches(6)
     m1, o1, s1, _ = setup(compile=True, dropout=dropout)
     m2, o2, s2, _ = setup(compile=False, dropout=dropout)
@@ -86,7 +76,7 @@ def test_compiled_equals_eager(dropout):
 
 
 @pytest.mark.parametrize("streams", [2, 3, 8])
-def test_rows_split_over_streams_equal_one_stream(streams):
+def test_rows_split_over_streams_equal_one_stream(streams, setup):
     """The fast path (each micro-batch's rows split over CPU streams, compiled) gives
     the single-stream eager step's losses and weights; 3 streams split 4 rows
     unevenly, 8 streams are more than the rows."""
@@ -101,7 +91,7 @@ def test_rows_split_over_streams_equal_one_stream(streams):
         assert mx.abs(a - b).max().item() < 1e-5, k
 
 
-def test_accumulation_equals_big_batch():
+def test_accumulation_equals_big_batch(setup):
     """2 micro-batches of 4 == one batch of 8 (same mean loss and update)."""
     data = batches(3, accum=2)
     m1, o1, s1, _ = setup(compile=True, accum=2)
@@ -111,14 +101,14 @@ def test_accumulation_equals_big_batch():
     assert np.allclose(l1, l2, rtol=1e-5), (l1, l2)
 
 
-def test_overfits_a_tiny_corpus():
+def test_overfits_a_tiny_corpus(setup):
     model, opt, step, _ = setup(compile=True, accum=1, learning_rate=1e-2, max_steps=60)
     data = batches(1, accum=1) * 60
     losses = run(step, model, opt, data)
     assert losses[-1] < 0.25 * losses[0], losses
 
 
-def test_every_parameter_moves():
+def test_every_parameter_moves(setup):
     model, opt, step, _ = setup(compile=True)
     before = dict(tree_flatten(model.parameters()))
     run(step, model, opt, batches(1))
@@ -127,7 +117,7 @@ def test_every_parameter_moves():
     assert not frozen, frozen
 
 
-def test_non_finite_step_is_skipped():
+def test_non_finite_step_is_skipped(setup):
     model, opt, step, _ = setup(compile=True)
     run(step, model, opt, batches(2))
     params = dict(tree_flatten(model.parameters()))
@@ -163,7 +153,7 @@ def test_schedule_warmup_and_floor():
     assert all(a >= b - 1e-7 for a, b in zip(values[10:], values[11:]))
 
 
-def test_weight_decay_mask():
+def test_weight_decay_mask(setup):
     model, *_ = setup(compile=False)
     mask = dict(tree_flatten(decay_mask(model, decay_embeddings=False)))
     assert mask["model.layers.0.self_attn.q_proj.weight"] is True
@@ -174,7 +164,7 @@ def test_weight_decay_mask():
     )
 
 
-def test_decay_applies_only_to_masked():
+def test_decay_applies_only_to_masked(setup):
     """With zero gradients Adam's update is 0, so only decayed weights shrink."""
     model, opt, *_ = setup(compile=False, weight_decay=0.5)
     before = dict(tree_flatten(model.parameters()))
@@ -191,23 +181,14 @@ def test_decay_applies_only_to_masked():
     assert mx.allclose(after[q], before[q] * (1 - 0.5 * opt.learning_rate.item()))
 
 
-def test_accumulation_does_not_multiply_memory():
+def test_accumulation_does_not_multiply_memory(tiny_config):
     """Micro-batches run one after another inside the compiled step: peak memory of
     4 x 8 sequences stays near that of 1 x 8, far below 1 x 32."""
 
     def peak(batch_size, accum):
-        cfg = config_from_dict(
-            {
-                "model": dict(
-                    vocab_size=256,
-                    d_model=64,
-                    n_layers=2,
-                    n_heads=4,
-                    context_length=256,
-                ),
-                "training": dict(batch_size=batch_size, grad_accum_steps=accum),
-            }
-        )
+        training = dict(batch_size=batch_size, grad_accum_steps=accum)
+        cfg = tiny_config(training, vocab_size=256, d_model=64, n_kv_heads=None,
+                          context_length=256)  # fmt: skip
         model = Model(cfg.model)
         opt = build_optimizer(model, cfg.training)
         step = make_train_step(model, opt, cfg.training)
@@ -223,7 +204,7 @@ def test_accumulation_does_not_multiply_memory():
     assert four < 1.5 * one and big > 2.5 * one, (one, four, big)
 
 
-def test_bf16_compute_keeps_fp32_master_weights():
+def test_bf16_compute_keeps_fp32_master_weights(setup):
     """The GPU precision policy, forced on CPU: bf16 forward/backward, fp32 params and
     optimizer state, and a loss close to the fp32 step's."""
     data = batches(3)

@@ -64,10 +64,10 @@ def conversations(corpus, n=300) -> list[dict]:
 def test_chat_data_to_a_checkpoint_that_chats(tiny_dataset, tiny_corpus, train_tiny,
                                               tmp_path, capsys):  # fmt: skip
     from src.data import cli as data
+    from src.data.tokens import open_tokens
     from src.inference import cli as inference
     from src.inference.chat import pick_template
     from src.tokenizer.spm import Tokenizer
-    from src.data.tokens import open_tokens
 
     rows = conversations(tiny_corpus)
     jsonl = tmp_path / "chats.jsonl"

@@ -10,27 +10,17 @@ from pathlib import Path
 
 import pytest
 
+from src.errors import TokenizerError
 from src.tokenizer import cli as tokenizer_cli
 from src.tokenizer import spm as T
-from src.errors import TokenizerError
 from src.tokenizer.spm import Tokenizer
 from src.tokenizer.training import train_tokenizer
 
-SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
-
 
 @pytest.fixture(scope="module")
-def corpus(tmp_path_factory) -> Path:
-    """The first ~200 KB of TinyStories, cut after a whole story."""
-    source = SHARED_DATA / "tinystories_train.txt"
-    if not source.is_file():
-        pytest.skip(f"{source} not found (the shared corpora sit beside the repo)")
-    with open(source, "rb") as f:
-        head = f.read(200_000)
-    end = head.rindex(b"<|endoftext|>\n") + len(b"<|endoftext|>\n")
-    path = tmp_path_factory.mktemp("corpus") / "stories.txt"
-    path.write_bytes(head[:end])
-    return path
+def corpus(story_corpus) -> Path:
+    """About 200 KB of stories (conftest: TinyStories, or synthetic without it)."""
+    return story_corpus(200_000)
 
 
 ROUND_TRIP = [

@@ -325,12 +325,10 @@ def test_non_finite_steps_are_skipped_then_stop(tmp_path, tiny_dataset):
 
 
 @pytest.mark.slow
-def test_quickstart_script_end_to_end(tmp_path):
-    """The README's first command, on configs/tiny.yaml and ../shared/data, in a copy
-    of the repo (so the test writes nothing into the checkout)."""
-    corpus = ROOT.parent / "shared" / "data" / "tinystories_valid.txt"
-    if not corpus.exists():
-        pytest.skip(f"{corpus} not found")
+def test_quickstart_script_end_to_end(tmp_path, tiny_corpus):
+    """The README's first command, on configs/tiny.yaml and the test corpus, in a
+    copy of the repo (so the test writes nothing into the checkout)."""
+    corpus = tiny_corpus
     work = tmp_path / "repo"
     work.mkdir()
     for name in ("src", "configs", "scripts", "pyproject.toml"):

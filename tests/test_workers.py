@@ -14,14 +14,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from src.corpus import sources as C
+from src.corpus import text as C
+from src.corpus.records import batched
 from src.data import tokens as T
 from src.data.documents import QualityFilter, SeenHashes, content_keys, is_val, split_of
 from src.data.prepare import prepare_dataset
+from src.data.workers import worker_context
 from src.tokenizer.spm import Tokenizer
-from src.data.workers import batched, worker_context
-
-SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 
 
 def write_txt(path: Path, docs: list[str]) -> Path:

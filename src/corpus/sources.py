@@ -1,34 +1,34 @@
-"""Where documents come from: local .txt, .jsonl/.json and .parquet files, and
-Hugging Face hub datasets, read as one stream of documents. No MLX or torch here.
+"""One protocol for every data source: a local .txt file (`TextFile`), a
+.jsonl/.json/.parquet file (`RecordFile`) or a Hugging Face hub dataset
+(`HubDataset`), read as one stream of documents. No MLX or torch here.
 
-- .txt: read here, line by line (binary and non-UTF-8 files are refused, naming the
-  file); documents end at a delimiter line (TinyStories' `<|endoftext|>`), at blank
-  lines, or at the end of the file. `text_ranges` cuts a file into byte ranges
-  between documents, so workers can each read their own (`range_documents`).
-- .jsonl/.json and .parquet: `datasets.load_dataset("json"|"parquet",
-  data_files=..., streaming=True)`, one file at a time so an error names the file.
-- hub: `datasets.load_dataset(name, config, split=..., streaming=True)`: the same
-  streaming code path as the local jsonl/parquet files, so tests exercise it offline.
-
-Everything streams: memory does not grow with the corpus.
+Each `Source` says, in one place, what it is and how it is read: `records` (rows
+with fields, which `--text-field` and `--chat` apply to), `describe()` (for
+meta.json), `size` (bytes, for progress bars), its `documents`, the `lines` a
+tokenizer trains on, and the `tasks` of `prepare`'s workers. `open_sources` is the
+one place that turns `--input` specs (files, folders, globs) or a hub dataset into
+sources; `add_source_args` and `sources_from_args` are the one definition of the
+source flags of `python -m src.data prepare` and `python -m src.tokenizer train`.
+The readers themselves are `src.corpus.text` and `src.corpus.records`. Everything
+streams: memory does not grow with the corpus, and nothing is opened (no file, no
+network) until a source is read.
 """
 
 from __future__ import annotations
 
+import argparse
 import glob
-import logging
-import os
-import re
+import itertools
+from abc import ABC, abstractmethod
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import ClassVar
 
 from ..errors import DataError
-from ..template import CHAT, render_conversation
+from .records import batched, datasets_module, iter_records, stream
+from .text import DOC_DELIMITER, TextRange, iter_documents, iter_lines, text_ranges
 
-DOC_DELIMITER = "<|endoftext|>"  # a line holding only this ends a document
-BINARY_SNIFF = 8192  # a NUL byte in the first 8 KiB marks a binary file (as git)
-MAX_BREAK_LINE = 4096  # a longer line never ends a range (see text_ranges)
 TEXT_SUFFIXES = (".txt",)
 RECORD_SUFFIXES = {".jsonl": "json", ".json": "json", ".parquet": "parquet"}
 # What a folder contributes (a .json file is read only when named: folders often
@@ -36,9 +36,189 @@ RECORD_SUFFIXES = {".jsonl": "json", ".json": "json", ".parquet": "parquet"}
 FOLDER_SUFFIXES = (".txt", ".jsonl", ".parquet")
 DEFAULT_TEXT_FIELD = "text"
 
+# A task of `prepare`'s workers: a byte range of a .txt file, which the worker
+# reads itself, or texts the parent read (records).
+Task = TextRange | list[str]
 
-def _suffix(p: Path) -> str:
-    return p.suffix.lower()
+
+@dataclass(frozen=True)
+class ReadOptions:
+    """How sources are read: `delimiter` ends documents in .txt files (see
+    `src.corpus.text.iter_documents`); `text_field` is the field of record rows
+    holding the text, a conversation rendered in the chat template with `chat`."""
+
+    delimiter: str = DOC_DELIMITER
+    text_field: str = DEFAULT_TEXT_FIELD
+    chat: bool = False
+
+
+class Source(ABC):
+    """Where documents come from. `str(source)` names it in messages."""
+
+    records: ClassVar[bool]  # rows with fields (--text-field, --chat), not text
+
+    @property
+    @abstractmethod
+    def size(self) -> int | None:
+        """Bytes to read (for progress bars); None when unknown (the hub)."""
+
+    @abstractmethod
+    def describe(self) -> dict:
+        """What meta.json records about the source (JSON-able)."""
+
+    @abstractmethod
+    def documents(self, opts: ReadOptions) -> Iterator[tuple[str, int]]:
+        """(stripped document, bytes consumed since the previous one, or 0), in
+        order; documents may be ""."""
+
+    @abstractmethod
+    def lines(
+        self, opts: ReadOptions, max_docs: int | None = None
+    ) -> Iterator[tuple[str, int]]:
+        """(line, bytes read since the previous line) that a tokenizer trains on;
+        of the first `max_docs` rows of a record source (None: all)."""
+
+    @abstractmethod
+    def tasks(
+        self, opts: ReadOptions, batch_docs: int, range_bytes: int
+    ) -> Iterator[Task]:
+        """The source as `prepare`'s worker tasks, in order: byte ranges of about
+        `range_bytes` (.txt) or lists of at most `batch_docs` texts (records)."""
+
+
+def _as_path(source) -> None:
+    object.__setattr__(source, "path", Path(source.path))  # frozen: at init only
+
+
+@dataclass(frozen=True)
+class TextFile(Source):
+    """A local .txt file: documents end at `--delimiter` lines; `prepare`'s
+    workers each read a byte range of it themselves."""
+
+    path: Path
+    records = False
+
+    def __post_init__(self) -> None:
+        _as_path(self)
+
+    def __str__(self) -> str:
+        return str(self.path)
+
+    @property
+    def size(self) -> int:
+        return self.path.stat().st_size
+
+    def describe(self) -> dict:
+        return {"path": str(self.path), "bytes": self.size}
+
+    def documents(self, opts: ReadOptions) -> Iterator[tuple[str, int]]:
+        return iter_documents(self.path, opts.delimiter)
+
+    def lines(
+        self, opts: ReadOptions, max_docs: int | None = None
+    ) -> Iterator[tuple[str, int]]:
+        return iter_lines(self.path)  # every line: max_docs counts rows
+
+    def tasks(
+        self, opts: ReadOptions, batch_docs: int, range_bytes: int
+    ) -> Iterator[Task]:
+        for start, end in text_ranges(self.path, opts.delimiter, range_bytes):
+            yield TextRange(self.path, start, end, opts.delimiter)
+
+
+class _Rows(Source):
+    """Rows with fields, streamed by `datasets`: the text is a field of each."""
+
+    records = True
+
+    @abstractmethod
+    def _load(self, datasets) -> Iterable[dict]:
+        """The stream of rows (`datasets.load_dataset(..., streaming=True)`)."""
+
+    def documents(self, opts: ReadOptions) -> Iterator[tuple[str, int]]:
+        ds = datasets_module()
+        rows = stream(str(self), lambda: self._load(ds))
+        yield from iter_records(rows, str(self), opts.text_field, opts.chat)
+
+    def lines(
+        self, opts: ReadOptions, max_docs: int | None = None
+    ) -> Iterator[tuple[str, int]]:
+        # A text's bytes (UTF-8, and the newline that would end it in a file)
+        # count on its first line, so the counts add up as a .txt file's do.
+        for text, _ in itertools.islice(self.documents(opts), max_docs):
+            nbytes = len(text.encode("utf-8")) + 1
+            for line in text.split("\n"):
+                yield line.removesuffix("\r"), nbytes
+                nbytes = 0
+
+    def tasks(
+        self, opts: ReadOptions, batch_docs: int, range_bytes: int
+    ) -> Iterator[Task]:
+        return batched((text for text, _ in self.documents(opts)), batch_docs)
+
+
+@dataclass(frozen=True)
+class RecordFile(_Rows):
+    """A local .jsonl/.json (one JSON object per line) or .parquet file, read one
+    file at a time so an error names the file."""
+
+    path: Path
+
+    def __post_init__(self) -> None:
+        _as_path(self)
+        if self.path.suffix.lower() not in RECORD_SUFFIXES:
+            raise DataError(f"{self.path}: not a .jsonl, .json or .parquet file")
+
+    def __str__(self) -> str:
+        return str(self.path)
+
+    @property
+    def size(self) -> int:
+        return self.path.stat().st_size
+
+    def describe(self) -> dict:
+        return {"path": str(self.path), "bytes": self.size}
+
+    def _load(self, datasets) -> Iterable[dict]:
+        builder = RECORD_SUFFIXES[self.path.suffix.lower()]
+        return datasets.load_dataset(
+            builder, data_files=[str(self.path)], split="train", streaming=True
+        )
+
+
+@dataclass(frozen=True)
+class HubDataset(_Rows):
+    """A Hugging Face hub dataset, streamed: it needs network when read, and only
+    then (making or describing one connects to nothing)."""
+
+    name: str
+    config: str | None = None
+    split: str = "train"
+
+    def __str__(self) -> str:
+        config = f" ({self.config})" if self.config else ""
+        return f"hub dataset {self.name}{config}, split {self.split!r}"
+
+    @property
+    def size(self) -> None:
+        return None
+
+    def describe(self) -> dict:
+        return {"hf_dataset": self.name, "config": self.config, "split": self.split}
+
+    def _load(self, datasets) -> Iterable[dict]:
+        return datasets.load_dataset(
+            self.name, self.config, split=self.split, streaming=True
+        )
+
+
+def task_documents(task: Task) -> list[str]:
+    """The documents of a worker task: a text range is read here and now; a list
+    of texts is its own."""
+    return task.documents() if isinstance(task, TextRange) else task
+
+
+# ------------------------------------------------------------ opening sources
 
 
 def expand_inputs(
@@ -52,7 +232,7 @@ def expand_inputs(
         p = Path(spec)
         if p.is_dir():
             found = sorted(
-                q for q in p.rglob("*") if q.is_file() and _suffix(q) in suffixes
+                q for q in p.rglob("*") if q.is_file() and q.suffix.lower() in suffixes
             )
             if not found:
                 raise DataError(f"{p}: folder holds no {kinds} files")
@@ -70,296 +250,46 @@ def expand_inputs(
     return list(paths)
 
 
-def iter_text_chunks(
-    path: Path, chunk: int = 1 << 20, *, start: int = 0, end: int | None = None
-) -> Iterator[tuple[str, int]]:
-    """Yield (text, raw bytes) of ~1 MiB runs of whole lines of the bytes
-    [start, end) of a UTF-8 file (start and end at line starts; end None: the end
-    of the file), with \\r\\n made \\n and no byte order mark; DataError naming
-    the file for binary or non-UTF-8 content."""
-    with open(path, "rb") as f:
-        if start == 0 and b"\x00" in f.read(BINARY_SNIFF):
-            raise DataError(f"{path}: looks like a binary file (NUL bytes), not text")
-        end = os.fstat(f.fileno()).st_size if end is None else end
-        f.seek(start)
-        offset = start
-        while raw := f.read(min(chunk, end - offset)):
-            if not raw.endswith(b"\n"):  # finish the line, never past `end`
-                raw += f.readline(end - offset - len(raw))
-            try:
-                text = raw.decode("utf-8")
-            except UnicodeDecodeError as e:
-                where = offset + e.start
-                raise DataError(
-                    f"{path}: not UTF-8 text (bad byte at {where})"
-                ) from None
-            if offset == 0:
-                text = text.removeprefix("\ufeff")  # a byte order mark is no text
-            offset += len(raw)
-            yield text.replace("\r\n", "\n"), len(raw)
+def open_file(path: str | Path) -> Source:
+    """A local file as a source: .jsonl/.json/.parquet hold records, any other
+    file is read as text."""
+    path = Path(path)
+    if path.suffix.lower() in RECORD_SUFFIXES:
+        return RecordFile(path)
+    return TextFile(path)
 
 
-def iter_lines(path: Path) -> Iterator[tuple[str, int]]:
-    """Yield (line without \\n or \\r\\n, bytes read since the previous line) of a
-    UTF-8 file: a chunk's bytes are counted on its first line, so the counts still
-    add up to the file size."""
-    for text, nbytes in iter_text_chunks(path):
-        lines = text.split("\n")
-        if lines[-1] == "":  # the chunk ends with a newline
-            lines.pop()
-        for line in lines:
-            yield line, nbytes
-            nbytes = 0
-
-
-def _break_pattern(delimiter: str) -> re.Pattern:
-    """A document break in text where every line starts after a "\\n": a run of
-    blank lines, or a line holding only the delimiter (and spaces)."""
-    if delimiter == "blank":
-        return re.compile(r"\n(?:[^\S\n]*\n)+")
-    return re.compile(r"\n[^\S\n]*" + re.escape(delimiter) + r"[^\S\n]*(?=\n)")
-
-
-def iter_documents(
-    path: Path,
-    delimiter: str = DOC_DELIMITER,
-    *,
-    start: int = 0,
-    end: int | None = None,
-) -> Iterator[tuple[str, int]]:
-    """Yield (stripped document, bytes read since the previous one) of one .txt
-    file, or of its bytes [start, end) (a range from `text_ranges`); documents may
-    be "", and a last "" may only carry the bytes after the last document.
-
-    delimiter: a line holding only this text ends a document; "blank": blank lines
-    separate documents; "none": the whole file is one document. The file is
-    scanned ~1 MiB at a time with one regex (a Python loop per line would be the
-    slowest part of `prepare`).
-    """
-    chunks = iter_text_chunks(path, start=start, end=end)
-    if delimiter == "none":
-        parts, nbytes = [], 0
-        for text, n in chunks:
-            parts.append(text)
-            nbytes += n
-        if nbytes:
-            yield "".join(parts).strip(), nbytes
-        return
-    if leftover := (yield from _split(chunks, _break_pattern(delimiter), delimiter)):
-        yield "", leftover
-
-
-def range_documents(path: Path, delimiter: str, start: int, end: int) -> list[str]:
-    """The documents of bytes [start, end) of a .txt file: those of
-    `iter_documents` without a last "" that only carries bytes. Over the ranges of
-    `text_ranges`, the documents of the whole file."""
-    if delimiter == "none":
-        return [doc for doc, _ in iter_documents(path, delimiter, start=start, end=end)]
-    chunks = iter_text_chunks(path, start=start, end=end)
-    return [doc for doc, _ in _split(chunks, _break_pattern(delimiter), delimiter)]
-
-
-def _split(chunks: Iterable[tuple[str, int]], pattern: re.Pattern, delimiter: str):
-    """Yield (document, bytes since the previous one) between the breaks of text
-    chunks; return the bytes read after the last document."""
-    rest, pending = "\n", 0  # a "\n" before the first line, so it can be a break
-    for text, n in chunks:
-        scan = len(rest) - 1  # a break can start at the "\n" that ends `rest`
-        rest += text
-        pending += n
-        pos = 0
-        for m in pattern.finditer(rest, scan):
-            doc = rest[pos : m.start()].strip()
-            pos = m.end()
-            if doc or delimiter != "blank":
-                yield doc, pending
-                pending = 0
-        rest = rest[pos:]
-    rest += "\n"  # the last line may lack its newline
-    pos = 0
-    for m in pattern.finditer(rest):
-        doc = rest[pos : m.start()].strip()
-        pos = m.end()
-        if doc or delimiter != "blank":
-            yield doc, pending
-            pending = 0
-    if doc := rest[pos:].strip():
-        yield doc, pending
-        pending = 0
-    return pending
-
-
-def text_ranges(path: Path, delimiter: str, target: int) -> Iterator[tuple[int, int]]:
-    """Byte ranges [start, end) covering a .txt file in order, each `target` bytes
-    or more, cut only where no document is: at the start of a blank line
-    ("blank"), or at the start of the line after a delimiter line. Reading the
-    ranges one by one with `range_documents` gives the documents of the whole file.
-    "none", or no such line after `target` bytes: one range. Reads a line or so
-    per cut."""
-    if target < 1:
-        raise ValueError(f"target must be >= 1 byte, got {target}")
-    size = path.stat().st_size
-    start = 0
-    if delimiter != "none":
-        is_break = _break_pattern(delimiter).match
-        with open(path, "rb") as f:
-            while start + target < size:
-                cut = _next_cut(f, start + target, is_break, delimiter == "blank")
-                if cut is None or cut == size:
-                    break
-                yield start, cut
-                start = cut
-    yield start, size
-
-
-def _next_cut(f, pos: int, is_break, before: bool) -> int | None:
-    """The first line start >= pos of a break line (before: its start, else the
-    start of the next line), or None at the end of the file. Lines are read at
-    most MAX_BREAK_LINE bytes at a time: a longer line is no break."""
-    f.seek(pos - 1)
-    while (part := f.readline(MAX_BREAK_LINE)) and not part.endswith(b"\n"):
-        pass  # to the end of the line holding byte pos - 1
-    while True:
-        at = f.tell()
-        line = f.readline(MAX_BREAK_LINE)
-        if not line.endswith(b"\n"):  # the end of the file, or a long line
-            if len(line) < MAX_BREAK_LINE:
-                return None
-            while (part := f.readline(MAX_BREAK_LINE)) and not part.endswith(b"\n"):
-                pass
-            continue
-        try:
-            text = line.decode("utf-8").replace("\r\n", "\n")
-        except UnicodeDecodeError:
-            continue  # its reader reports it
-        if is_break("\n" + text):
-            return at if before else f.tell()
-
-
-def _datasets():
-    try:
-        import datasets  # heavy: imported only when a record source is read
-    except ImportError:
-        raise DataError(
-            "reading .jsonl/.parquet files or hub datasets needs the `datasets` "
-            "package (pip install datasets)"
-        ) from None
-    return datasets
-
-
-def iter_records(
-    rows: Iterable[dict], where: str, text_field: str, chat: bool = False
-) -> Iterator[tuple[str, int]]:
-    """(stripped text, 0) of each row's `text_field`; DataError naming `where`
-    when the field is missing or not a string. With `chat`, the field holds a
-    conversation (a list of {"role", "content"} messages), rendered as one text
-    in the chat template (`src.template.CHAT`)."""
-    for i, row in enumerate(rows):
-        if text_field not in row:
-            raise DataError(
-                f"{where}: row {i} has no field {text_field!r} (fields: "
-                f"{', '.join(sorted(row))}); choose one with --text-field"
-            )
-        text = row[text_field]
-        if text is None:
-            continue
-        if chat:
-            try:
-                text = render_conversation(text, CHAT)
-            except ValueError as e:
-                raise DataError(f"{where}: row {i} field {text_field!r}: {e}") from None
-        if not isinstance(text, str):
-            hint = " (a conversation? use --chat)" if isinstance(text, list) else ""
-            raise DataError(
-                f"{where}: row {i} field {text_field!r} is a {type(text).__name__},"
-                f" not text{hint}"
-            )
-        yield text.strip(), 0
-
-
-def _stream(where: str, load) -> Iterator[dict]:
-    """Rows of a `datasets` stream; its errors (bad JSON, a damaged parquet file,
-    no network) become DataError naming `where`."""
-    # datasets logs such errors with a traceback before raising: we say it once.
-    log = logging.getLogger("datasets")
-    level = log.level
-    log.setLevel(logging.CRITICAL)
-    try:
-        yield from load()
-    except DataError:
-        raise
-    except Exception as e:  # pyarrow, fsspec, hub and network errors alike
-        msg = str(e).strip().splitlines()[0] if str(e).strip() else ""
-        raise DataError(f"{where}: cannot read it: {type(e).__name__}: {msg}") from e
-    finally:
-        log.setLevel(level)
-
-
-@dataclass(frozen=True)
-class HubSource:
-    """A Hugging Face hub dataset, streamed (needs network at run time)."""
-
-    name: str
-    config: str | None = None
-    split: str = "train"
-
-    def describe(self) -> dict:
-        return {"hf_dataset": self.name, "config": self.config, "split": self.split}
-
-
-def iter_hub(
-    src: HubSource, text_field: str, chat: bool = False
-) -> Iterator[tuple[str, int]]:
-    ds = _datasets()
-
-    def load():
-        return ds.load_dataset(src.name, src.config, split=src.split, streaming=True)
-
-    where = f"hub dataset {src.name}" + (f" ({src.config})" if src.config else "")
-    where += f", split {src.split!r}"
-    return iter_records(_stream(where, load), where, text_field, chat)
-
-
-def iter_file(
-    path: Path,
-    delimiter: str = DOC_DELIMITER,
-    text_field: str = DEFAULT_TEXT_FIELD,
-    chat: bool = False,
-) -> Iterator[tuple[str, int]]:
-    """(document, bytes consumed or 0) of one local file of any supported kind;
-    `chat` as in `iter_records`."""
-    builder = RECORD_SUFFIXES.get(_suffix(path))
-    if builder is None:
-        yield from iter_documents(path, delimiter)
-        return
-    ds = _datasets()
-
-    def load():
-        return ds.load_dataset(
-            builder, data_files=[str(path)], split="train", streaming=True
-        )
-
-    yield from iter_records(_stream(str(path), load), str(path), text_field, chat)
+def open_sources(
+    inputs: Iterable[str | Path | Source] | None = None,
+    hub: HubDataset | None = None,
+    suffixes: tuple[str, ...] = FOLDER_SUFFIXES,
+) -> list[Source]:
+    """`--input` specs (files, folders: every file below with one of `suffixes`,
+    globs; see `expand_inputs`) and sources as they are, or a hub dataset -> the
+    unique sources to read, in order. Opens nothing yet."""
+    if (inputs is None) == (hub is None):
+        raise DataError("give either input files or a hub dataset")
+    if hub is not None:
+        return [hub]
+    sources: dict[Source, None] = {}
+    for item in inputs:
+        if isinstance(item, Source):
+            sources[item] = None
+        else:
+            paths = expand_inputs([item], suffixes)
+            sources.update(dict.fromkeys(map(open_file, paths)))
+    if not sources:
+        raise DataError("no input files given")
+    return list(sources)
 
 
 def iter_corpus(
-    source: list[Path] | HubSource,
-    delimiter: str = DOC_DELIMITER,
-    text_field: str = DEFAULT_TEXT_FIELD,
+    sources: Iterable[Source], opts: ReadOptions | None = None
 ) -> Iterator[tuple[str, int]]:
-    """Every document of local files (in order) or of a hub dataset."""
-    if isinstance(source, HubSource):
-        yield from iter_hub(source, text_field)
-        return
-    for path in source:
-        yield from iter_file(path, delimiter, text_field)
-
-
-def describe(source: list[Path] | HubSource) -> list[dict]:
-    """A JSON-able description of a source, for meta.json."""
-    if isinstance(source, HubSource):
-        return [source.describe()]
-    return [{"path": str(p), "bytes": p.stat().st_size} for p in source]
+    """Every document of the sources, in order (see `Source.documents`)."""
+    opts = opts or ReadOptions()
+    for source in sources:
+        yield from source.documents(opts)
 
 
 def find_corpus(spec: str | None = None) -> list[Path]:
@@ -367,7 +297,7 @@ def find_corpus(spec: str | None = None) -> list[Path]:
     cwd, then the repo) or ../shared/data/ (from the cwd, then beside the repo)."""
     if spec is not None:
         return expand_inputs([spec])
-    repo = Path(__file__).resolve().parents[1]
+    repo = Path(__file__).resolve().parents[2]  # src/corpus/sources.py
     looked: list[str] = []
     for raw in (Path("data/raw"), repo / "data" / "raw"):
         looked.append(f"{raw}/[Tt]iny[Ss]tories*.txt")
@@ -383,3 +313,47 @@ def find_corpus(spec: str | None = None) -> list[Path]:
         "(a .txt file, folder or glob) or download TinyStories with `python -m "
         "src.data download --output data/raw/tinystories_train.txt`"
     )
+
+
+# ------------------------------------------------------------ command lines
+
+
+def add_source_args(
+    parser: argparse.ArgumentParser,
+    *,
+    text_field_default: str | None = DEFAULT_TEXT_FIELD,
+    text_field_help: str = "field of jsonl/parquet/hub rows holding the text "
+    f"(default {DEFAULT_TEXT_FIELD})",
+) -> None:
+    """Add the source flags to a parser (or argument group): `--input PATH...` or
+    `--hf-dataset NAME` (exactly one), `--hf-config`, `--hf-split` and
+    `--text-field`; read them back with `sources_from_args`."""
+    one = parser.add_mutually_exclusive_group(required=True)
+    one.add_argument(
+        "--input",
+        nargs="+",
+        metavar="PATH",
+        help="files, folders (every .txt, .jsonl and .parquet file below) or globs",
+    )
+    one.add_argument(
+        "--hf-dataset",
+        metavar="NAME",
+        help="a Hugging Face hub dataset, streamed (needs network)",
+    )
+    add = parser.add_argument
+    add("--hf-config", metavar="C", help="hub dataset config, e.g. sample-10BT")
+    add("--hf-split", default="train", metavar="S", help="hub split (default train)")
+    add(
+        "--text-field", default=text_field_default, metavar="NAME", help=text_field_help
+    )
+
+
+def sources_from_args(args: argparse.Namespace) -> list[Source]:
+    """The sources the flags of `add_source_args` name; DataError for
+    `--hf-config` without `--hf-dataset`, and for inputs that do not exist."""
+    if args.hf_dataset:
+        hub = HubDataset(args.hf_dataset, args.hf_config, args.hf_split)
+        return open_sources(hub=hub)
+    if args.hf_config:
+        raise DataError("--hf-config needs --hf-dataset")
+    return open_sources(args.input)

@@ -19,10 +19,16 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from .. import cli
-from ..corpus.download import download_tinystories
-from ..corpus.sources import DEFAULT_TEXT_FIELD, DOC_DELIMITER, HubSource, find_corpus
+from ..corpus.sources import (
+    DEFAULT_TEXT_FIELD,
+    add_source_args,
+    find_corpus,
+    sources_from_args,
+)
+from ..corpus.text import DOC_DELIMITER
 from ..errors import DataError
 from .documents import DEFAULT_MAX_REPETITION, DEFAULT_MIN_WORDS, QualityFilter
+from .download import download_tinystories
 from .prepare import prepare_dataset, split_token_file, token_stats
 
 _fraction = cli.number_in(0.0, 1.0, lo_open=True, hi_open=True)
@@ -58,22 +64,15 @@ def _add_prepare(sub) -> None:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     add = pre.add_argument
-    src = pre.add_mutually_exclusive_group(required=True)
-    src.add_argument(
-        "--input", nargs="+", metavar="PATH", help="files, folders or globs"
+    add_source_args(
+        pre,
+        text_field_default=None,  # "text", or "messages" with --chat
+        text_field_help=f"field holding the text in jsonl/parquet/hub rows (default "
+        f"{DEFAULT_TEXT_FIELD}; with --chat, messages)",
     )
-    src.add_argument("--hf-dataset", metavar="NAME", help="hub dataset id")
-    add("--hf-config", metavar="C", help="hub dataset config, e.g. sample-10BT")
-    add("--hf-split", default="train", metavar="S", help="hub split (default train)")
     add("--tokenizer", required=True, metavar="DIR", help="from src.tokenizer train")
     add("--output", required=True, metavar="DIR", help="folder for the token files")
     add("--delimiter", default=DOC_DELIMITER, help=DELIMITER_HELP)
-    add(
-        "--text-field",
-        metavar="NAME",
-        help=f"field holding the text in jsonl/parquet/hub rows (default "
-        f"{DEFAULT_TEXT_FIELD}; with --chat, messages)",
-    )
     add(
         "--chat",
         action="store_true",
@@ -175,27 +174,25 @@ def build_parser() -> argparse.ArgumentParser:
     add("--dataset", default="roneneldan/TinyStories", help="hub dataset id")
     add("--split", default="train", help="dataset split (default train)")
     add("--max-docs", type=cli.positive_int, metavar="N", help="stop after N documents")
+    add("--text-field", default=DEFAULT_TEXT_FIELD, metavar="NAME",
+        help=f"field of the rows holding the text (default {DEFAULT_TEXT_FIELD})")  # fmt: skip
     return p
 
 
 def _prepare(args) -> None:
-    if args.hf_dataset:
-        source = HubSource(args.hf_dataset, args.hf_config, args.hf_split)
-    elif args.hf_config:
-        raise DataError("--hf-config needs --hf-dataset")
-    else:
-        source = args.input
+    sources = sources_from_args(args)
+    text_field = args.text_field or ("messages" if args.chat else DEFAULT_TEXT_FIELD)
     quality = QualityFilter(args.min_words, args.max_repetition)
     start = time.perf_counter()
     meta = prepare_dataset(
-        source,
+        sources,
         args.tokenizer,
         args.output,
         delimiter=args.delimiter,
         val_fraction=args.val_fraction,
         max_docs=args.max_docs,
         max_tokens=args.max_tokens,
-        text_field=args.text_field or ("messages" if args.chat else DEFAULT_TEXT_FIELD),
+        text_field=text_field,
         quality=quality,
         bos=args.bos,
         workers=args.workers,
@@ -250,5 +247,7 @@ def run(args: argparse.Namespace) -> None:
     elif args.command == "locate":
         print("\n".join(str(p) for p in find_corpus(args.data)))
     else:
-        n = download_tinystories(args.output, args.dataset, args.split, args.max_docs)
+        n = download_tinystories(
+            args.output, args.dataset, args.split, args.max_docs, args.text_field
+        )
         print(f"wrote {n} documents to {args.output}")

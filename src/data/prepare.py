@@ -29,38 +29,19 @@ from tqdm import tqdm
 
 from ..corpus.sources import (
     DEFAULT_TEXT_FIELD,
-    DOC_DELIMITER,
-    FOLDER_SUFFIXES,
-    RECORD_SUFFIXES,
-    HubSource,
-    describe,
-    expand_inputs,
+    ReadOptions,
+    Source,
+    open_sources,
 )
+from ..corpus.text import DOC_DELIMITER
+from ..errors import DataError
+from ..files import atomic_file
 from ..tokenizer.spm import CHAT_MARKERS, Tokenizer
-from .documents import (  # noqa: F401  (re-exported)
-    DEFAULT_MAX_REPETITION,
-    DEFAULT_MIN_WORDS,
-    REASONS,
-    Encoded,
-    Job,
-    QualityFilter,
-    SeenHashes,
-    is_val,
-    repetition,
-    split_of,
-)
-from .tokens import (
-    VERSION,
-    DataError,
-    TokenWriter,
-    atomic_file,
-    open_tokens,
-    read_header,
-)
-from .workers import RANGE_BYTES, BatchRunner, iter_tasks
+from .documents import REASONS, Encoded, Job, QualityFilter, SeenHashes, is_val
+from .tokens import DATASET_META, VERSION, TokenWriter, open_tokens, read_header
+from .workers import RANGE_BYTES, BatchRunner
 
 SPLITS = ("train", "val")
-META_FILE = "meta.json"
 DROP_REASONS = ("empty", "too_short", "repetitive", "duplicate")
 
 
@@ -74,10 +55,9 @@ def _check_options(val_fraction, max_docs, max_tokens, filt: QualityFilter) -> N
         raise DataError("need --min-words >= 0 and --max-repetition in [0, 1]")
 
 
-def _check_chat(source, tok: Tokenizer) -> None:
+def _check_chat(sources: list[Source], tok: Tokenizer) -> None:
     """--chat reads conversations from records, in a tokenizer with chat markers."""
-    texts = [] if isinstance(source, HubSource) else source
-    if bad := [p for p in texts if p.suffix.lower() not in RECORD_SUFFIXES]:
+    if bad := [source for source in sources if not source.records]:
         raise DataError(
             f"--chat reads conversations from .jsonl/.parquet files or a hub "
             f"dataset, not {bad[0]}"
@@ -126,7 +106,7 @@ def _route(enc: Encoded, new: np.ndarray, n: int, val_fraction: float) -> dict:
 
 
 def prepare_dataset(
-    source: Iterable[str | Path] | HubSource,
+    source: Iterable[str | Path | Source],
     tokenizer: str | Path,
     output: str | Path,
     delimiter: str = DOC_DELIMITER,
@@ -141,8 +121,8 @@ def prepare_dataset(
     range_bytes: int = RANGE_BYTES,
     chat: bool = False,
 ) -> dict:
-    """Local files (any kind `src.corpus` reads) or a hub dataset ->
-    output/{train,val}.bin and meta.json; returns the meta.
+    """Sources (paths, folders, globs or `src.corpus.sources.Source`s, such as a
+    hub dataset) -> output/{train,val}.bin and meta.json; returns the meta.
 
     Stops after `max_docs` kept documents or once `max_tokens` tokens are written
     (whole documents: the last one may cross the limit). `workers` processes
@@ -156,20 +136,20 @@ def prepare_dataset(
     quality = quality or QualityFilter()
     _check_options(val_fraction, max_docs, max_tokens, quality)
     tok = Tokenizer.load(tokenizer)
-    if not isinstance(source, HubSource):
-        source = expand_inputs(source, FOLDER_SUFFIXES)
+    sources = open_sources(source)
     if chat:
-        _check_chat(source, tok)
+        _check_chat(sources, tok)
     workers = workers or os.cpu_count() or 1
     out = Path(output)
     out.mkdir(parents=True, exist_ok=True)
-    (out / META_FILE).unlink(missing_ok=True)  # never a stale meta beside new bins
+    (out / DATASET_META).unlink(missing_ok=True)  # never a stale meta beside new bins
     seen = SeenHashes()
     docs = dict.fromkeys(SPLITS, 0)
     dropped = dict.fromkeys(DROP_REASONS, 0)
     written, start = 0, time.perf_counter()
     job = Job(str(tok.dir / "tokenizer.model"), quality, bos)
-    tasks = iter_tasks(source, delimiter, text_field, batch_docs, range_bytes, chat)
+    read = ReadOptions(delimiter, text_field, chat)
+    tasks = (t for src in sources for t in src.tasks(read, batch_docs, range_bytes))
     with contextlib.ExitStack() as stack:
         runner = stack.enter_context(BatchRunner(job, workers))
         files = {s: stack.enter_context(atomic_file(out / f"{s}.bin")) for s in SPLITS}
@@ -206,7 +186,7 @@ def prepare_dataset(
             "sha256": tok.sha256,
             "vocab_size": tok.vocab_size,
         },
-        "inputs": describe(source),
+        "inputs": [src.describe() for src in sources],
         "delimiter": delimiter,
         "text_field": text_field,
         "chat_template": chat,
@@ -224,7 +204,7 @@ def prepare_dataset(
             for s in SPLITS
         },
     }
-    with atomic_file(out / META_FILE, "w") as f:
+    with atomic_file(out / DATASET_META, "w") as f:
         json.dump(meta, f, indent=2)
     return meta
 
@@ -275,7 +255,7 @@ def split_token_file(
             " pass a larger --val-tokens/--val-fraction or --exact"
         )
     out.mkdir(parents=True, exist_ok=True)
-    (out / META_FILE).unlink(missing_ok=True)
+    (out / DATASET_META).unlink(missing_ok=True)
     headers = {}
     for s, (lo, hi) in zip(SPLITS, ((0, cut), (cut, n)), strict=True):
         with atomic_file(out / f"{s}.bin") as f:
@@ -284,12 +264,12 @@ def split_token_file(
                 w.write(tokens[a : min(hi, a + (1 << 22))])
             headers[s] = w.finish()
     meta = {"format_version": VERSION, "split_of": str(path), "cut": cut}
-    parent = path.parent / META_FILE
+    parent = path.parent / DATASET_META
     if parent.is_file():  # carry the tokenizer over from the source's meta
         with contextlib.suppress(ValueError, KeyError, TypeError):
             meta["tokenizer"] = json.loads(parent.read_text())["tokenizer"]
     meta["splits"] = {s: {"file": f"{s}.bin", **asdict(headers[s])} for s in SPLITS}
-    with atomic_file(out / META_FILE, "w") as f:
+    with atomic_file(out / DATASET_META, "w") as f:
         json.dump(meta, f, indent=2)
     return meta
 

@@ -46,7 +46,7 @@ HEADER = struct.Struct("<8sIIQII")  # magic, version, itemsize, n_tokens, vocab,
 HEADER_SIZE = HEADER.size  # 32
 DTYPES = {2: np.dtype("<u2"), 4: np.dtype("<u4")}
 SCAN_CHUNK = 4 * 1024 * 1024  # tokens per np.max when scanning for bad ids
-SIDECAR = "meta.json"
+DATASET_META = "meta.json"
 
 
 @dataclass(frozen=True)
@@ -186,7 +186,7 @@ def check_sidecar(
     model's tokenizer; return that file's entry plus the dataset's
     `chat_template` flag (None without a sidecar)."""
     path = Path(path)
-    side = path.parent / SIDECAR
+    side = path.parent / DATASET_META
     if not side.is_file():
         return None
     try:

@@ -1,9 +1,10 @@
-"""The worker pool of `prepare`: the input as a stream of tasks, each turned into
-one `Encoded` batch, on N processes, in input order. No MLX or torch here.
+"""The worker pool of `prepare`: the input as a stream of tasks (made by
+`src.corpus.sources.Source.tasks`), each turned into one `Encoded` batch, on N
+processes, in input order. No MLX or torch here.
 
-A task is a byte range of a local .txt file (`TextRange`), cut where no document
-is (`src.corpus.text_ranges`), which the worker reads itself, or a list of texts
-the parent read (jsonl/parquet rows, hub datasets). So for .txt input the parent
+A task is a byte range of a local .txt file (`src.corpus.text.TextRange`), cut
+where no document is, which the worker reads itself, or a list of texts the
+parent read (jsonl/parquet rows, hub datasets). So for .txt input the parent
 neither reads nor ships text: it sends (path, start, end) and gets back a few
 numpy buffers per 256 KiB of text. `BatchRunner.map` keeps at most 2N tasks in
 flight, so memory stays bounded, and yields results in input order, so the output
@@ -20,17 +21,8 @@ import threading
 from collections.abc import Iterable, Iterator
 from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
-from dataclasses import dataclass
-from pathlib import Path
 
-from ..corpus.sources import (
-    RECORD_SUFFIXES,
-    HubSource,
-    iter_file,
-    iter_hub,
-    range_documents,
-    text_ranges,
-)
+from ..corpus.sources import Task, task_documents
 from ..errors import DataError
 from ..tokenizer.spm import Tokenizer
 from .documents import Encoded, Job, encode_documents
@@ -40,48 +32,9 @@ from .documents import Encoded, Job, encode_documents
 RANGE_BYTES = 1 << 18
 
 
-@dataclass(frozen=True)
-class TextRange:
-    """Bytes [start, end) of a .txt file, split into documents by `delimiter`."""
-
-    path: Path
-    start: int
-    end: int
-    delimiter: str
-
-
-Task = TextRange | list[str]
-
-
-def iter_tasks(
-    source: list[Path] | HubSource,
-    delimiter: str,
-    text_field: str,
-    batch_docs: int,
-    range_bytes: int = RANGE_BYTES,
-    chat: bool = False,
-) -> Iterator[Task]:
-    """The input in order as tasks: ranges of .txt files, batches of at most
-    `batch_docs` texts of other files and of hub datasets (conversations rendered
-    to text with `chat`; see `src.corpus.iter_records`)."""
-    if isinstance(source, HubSource):
-        texts = (t for t, _ in iter_hub(source, text_field, chat))
-        yield from batched(texts, batch_docs)
-        return
-    for path in source:
-        if path.suffix.lower() in RECORD_SUFFIXES:
-            texts = (t for t, _ in iter_file(path, text_field=text_field, chat=chat))
-            yield from batched(texts, batch_docs)
-        else:
-            for start, end in text_ranges(path, delimiter, range_bytes):
-                yield TextRange(path, start, end, delimiter)
-
-
 def run_task(tok: Tokenizer, job: Job, task: Task) -> Encoded:
     """Read (for a text range), filter, hash and encode one task's documents."""
-    if isinstance(task, TextRange):
-        task = range_documents(task.path, task.delimiter, task.start, task.end)
-    return encode_documents(tok, job, task)
+    return encode_documents(tok, job, task_documents(task))
 
 
 _WORKER: tuple[Tokenizer, Job] | None = None
@@ -164,18 +117,3 @@ class BatchRunner:
 
     def __exit__(self, *exc) -> None:
         self.close()
-
-
-def batched(texts: Iterable[str], n: int, max_chars: int = 1 << 22) -> Iterator[list]:
-    """Lists of up to n texts and about max_chars characters (a longer text is a
-    batch of its own), so huge documents do not multiply the memory in flight."""
-    batch: list[str] = []
-    chars = 0
-    for text in texts:
-        batch.append(text)
-        chars += len(text)
-        if len(batch) >= n or chars >= max_chars:
-            yield batch
-            batch, chars = [], 0
-    if batch:
-        yield batch

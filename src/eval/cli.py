@@ -24,7 +24,8 @@ import numpy as np
 from .. import cli
 from ..backend import policy
 from ..checkpoint.contents import load_model
-from ..corpus.sources import DOC_DELIMITER, FOLDER_SUFFIXES, expand_inputs, iter_corpus
+from ..corpus.sources import ReadOptions, iter_corpus, open_sources
+from ..corpus.text import DOC_DELIMITER
 from ..data.tokens import MAGIC, TokenLoader, token_dtype, write_tokens
 from ..errors import DataError
 from .evaluator import Evaluator, make_eval_fn
@@ -51,9 +52,8 @@ def encode_text(
     document of the source, in order, as `tokens EOS`; with max_tokens, reading
     stops once there are max_tokens + 1 tokens (whole documents)."""
     dtype = token_dtype(tokenizer.vocab_size)
-    docs = (
-        d for d, _ in iter_corpus(expand_inputs([spec], FOLDER_SUFFIXES), delimiter)
-    )
+    sources = open_sources([spec])
+    docs = (d for d, _ in iter_corpus(sources, ReadOptions(delimiter)))
     chunks, n_tokens, n_bytes, batch = [], 0, 0, []
     for doc in itertools.chain(docs, [None]):  # None: flush the last batch
         if doc:

@@ -151,4 +151,3 @@ def write_results(results: list[dict], output: str | None) -> None:
         Path(output).write_text(text, encoding="utf-8")
     else:
         sys.stdout.write(text)
-

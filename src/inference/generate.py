@@ -103,7 +103,9 @@ class Decoder:
     def _forward(self, width: int):
         def forward(tokens, offset, keys, values, pad):
             pad = pad[0] if pad else None
-            views = [DecodeWindow(k, v, offset, width, pad) for k, v in zip(keys, values)]
+            views = [
+                DecodeWindow(k, v, offset, width, pad) for k, v in zip(keys, values)
+            ]
             logits = self.model(tokens, cache=views)[:, -1, :]
             return logits, [w.keys for w in views], [w.values for w in views]
 

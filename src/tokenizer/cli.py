@@ -1,6 +1,7 @@
 """`python -m src.tokenizer`: train a tokenizer, encode, decode, and count tokens.
 
-    python -m src.tokenizer train --input data/raw/ --output data/tokenizer --vocab-size 4096
+    python -m src.tokenizer train --input data/raw/ --output data/tokenizer \\
+        --vocab-size 4096
     python -m src.tokenizer encode --tokenizer data/tokenizer --text "Once upon a time"
     python -m src.tokenizer stats --tokenizer data/tokenizer --input valid.txt
 """
@@ -11,18 +12,17 @@ import argparse
 import itertools
 import sys
 from collections.abc import Sequence
-from pathlib import Path
 
 from tqdm import tqdm
 
 from .. import cli
 from ..corpus.sources import (
     DEFAULT_TEXT_FIELD,
-    FOLDER_SUFFIXES,
-    RECORD_SUFFIXES,
-    HubSource,
-    expand_inputs,
-    iter_file,
+    ReadOptions,
+    Source,
+    add_source_args,
+    open_sources,
+    sources_from_args,
 )
 from ..errors import TokenizerError
 from .spm import MIN_VOCAB, MODEL_FILE, Tokenizer
@@ -51,31 +51,17 @@ def build_parser() -> argparse.ArgumentParser:
         "row's --text-field) and write DIR/tokenizer.model and DIR/tokenizer.json.",
     )
     add = tr.add_argument
-    src = tr.add_mutually_exclusive_group(required=True)
-    src.add_argument(
-        "--input",
-        nargs="+",
-        metavar="PATH",
-        help="files, folders (every .txt, .jsonl and .parquet file below) or globs",
+    add_source_args(
+        tr,
+        text_field_help=f"field of jsonl/parquet/hub rows holding the text "
+        f"(default {DEFAULT_TEXT_FIELD})",
     )
-    src.add_argument(
-        "--hf-dataset", metavar="NAME", help="a Hugging Face hub dataset (network)"
-    )
-    add("--hf-config", metavar="C", help="hub dataset config, e.g. sample-10BT")
-    add("--hf-split", default="train", metavar="S", help="hub split (default train)")
     add(
         "--max-docs",
         type=cli.positive_int,
         default=DEFAULT_HUB_DOCS,
         metavar="N",
         help=f"read the first N rows of a hub dataset (default {DEFAULT_HUB_DOCS})",
-    )
-    add(
-        "--text-field",
-        default=DEFAULT_TEXT_FIELD,
-        metavar="NAME",
-        help=f"field of jsonl/parquet rows holding the text (default "
-        f"{DEFAULT_TEXT_FIELD})",
     )
     add("--output", required=True, metavar="DIR", help="folder to write")
     add(
@@ -134,11 +120,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def run(args: argparse.Namespace) -> None:
     if args.command == "train":
-        source = args.input
-        if args.hf_dataset:
-            source = HubSource(args.hf_dataset, args.hf_config, args.hf_split)
         tok = train_tokenizer(
-            source,
+            sources_from_args(args),
             args.output,
             args.vocab_size,
             model_type=args.model_type,
@@ -158,8 +141,7 @@ def run(args: argparse.Namespace) -> None:
     elif args.command == "decode":
         print(tok.decode(args.ids))
     else:
-        paths = expand_inputs(args.input, FOLDER_SUFFIXES)
-        rows = count_tokens(tok, paths, args.text_field)
+        rows = count_tokens(tok, open_sources(args.input), args.text_field)
         rows.append(("total", sum(r[1] for r in rows), sum(r[2] for r in rows)))
         for name, n, size in rows:
             ratio = f"{size / n:.3f}" if n else "n/a"
@@ -173,39 +155,40 @@ def _line_chunks(f, n: int) -> list[bytes]:
     return [b"".join(f.readlines(1 << 20)) for _ in range(n)]  # whole lines, ~1 MiB
 
 
-def _count_records(tok: Tokenizer, path: Path, text_field: str):
-    """(path, tokens, UTF-8 bytes) of the texts of a jsonl/parquet file."""
+def _count_records(tok: Tokenizer, source: Source, text_field: str):
+    """(tokens, UTF-8 bytes) of the texts of a record source."""
     n = nbytes = 0
-    texts = (text for text, _ in iter_file(path, text_field=text_field))
+    docs = source.documents(ReadOptions(text_field=text_field))
+    texts = (text for text, _ in docs)
     while batch := list(itertools.islice(texts, 256)):
         n += sum(map(len, tok.encode_batch(batch)))
         nbytes += sum(len(t.encode("utf-8")) for t in batch)
-    return path, n, nbytes
+    return n, nbytes
 
 
 def count_tokens(
-    tok: Tokenizer, paths: list[Path], text_field: str = DEFAULT_TEXT_FIELD
-) -> list[tuple[Path, int, int]]:
-    """(path, tokens, bytes) of each file: .txt files encoded in chunks of whole
-    lines (no piece holds a newline, so for BPE this equals encoding the file in
-    one go; a unigram Viterbi may break rare float ties differently, +-1), and the
-    texts of jsonl/parquet files (bytes: of the texts, not of the JSON)."""
+    tok: Tokenizer, sources: list[Source], text_field: str = DEFAULT_TEXT_FIELD
+) -> list[tuple[str, int, int]]:
+    """(name, tokens, bytes) of each local file: .txt files encoded in chunks of
+    whole lines (no piece holds a newline, so for BPE this equals encoding the file
+    in one go; a unigram Viterbi may break rare float ties differently, +-1), and
+    the texts of jsonl/parquet files (bytes: of the texts, not of the JSON)."""
     rows = []
-    total = sum(p.stat().st_size for p in paths)
+    total = sum(source.size for source in sources)
     with tqdm(total=total, unit="B", unit_scale=True, desc="encode") as bar:
-        for path in paths:
-            if path.suffix.lower() in RECORD_SUFFIXES:
-                rows.append(_count_records(tok, path, text_field))
-                bar.update(path.stat().st_size)
+        for source in sources:
+            if source.records:
+                rows.append((str(source), *_count_records(tok, source, text_field)))
+                bar.update(source.size)
                 continue
-            n = 0
-            with open(path, "rb") as f:
+            n = 0  # of the raw text, delimiter lines and all (not its documents)
+            with open(source.path, "rb") as f:
                 while chunks := [c for c in _line_chunks(f, 16) if c]:
                     try:
                         texts = [c.decode("utf-8") for c in chunks]
                     except UnicodeDecodeError:
-                        raise TokenizerError(f"{path}: not UTF-8 text") from None
+                        raise TokenizerError(f"{source}: not UTF-8 text") from None
                     n += sum(map(len, tok.encode_batch(texts)))
                     bar.update(sum(map(len, chunks)))
-            rows.append((path, n, path.stat().st_size))
+            rows.append((str(source), n, source.size))
     return rows

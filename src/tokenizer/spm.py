@@ -30,7 +30,7 @@ CHAT_MARKERS = ("<|system|>", "<|user|>", "<|assistant|>", "<|end|>")
 PAD_ID, UNK_ID, BOS_ID, EOS_ID = range(len(SPECIAL_TOKENS))
 N_BYTE_PIECES = 256
 MIN_VOCAB = len(SPECIAL_TOKENS) + len(CHAT_MARKERS) + N_BYTE_PIECES + 1  # + 1 char
-MODEL_FILE, META_FILE = "tokenizer.model", "tokenizer.json"
+MODEL_FILE, INFO_FILE = "tokenizer.model", "tokenizer.json"
 WS = "\u2581"  # sentencepiece's whitespace marker
 
 

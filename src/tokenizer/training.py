@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import hashlib
 import io
-import itertools
 import json
 import os
 import random
@@ -30,23 +29,18 @@ from tqdm import tqdm
 
 from ..corpus.sources import (
     DEFAULT_TEXT_FIELD,
-    DOC_DELIMITER,
-    FOLDER_SUFFIXES,
-    RECORD_SUFFIXES,
-    HubSource,
-    describe,
-    expand_inputs,
-    iter_file,
-    iter_hub,
-    iter_lines,
+    ReadOptions,
+    Source,
+    open_sources,
 )
+from ..corpus.text import DOC_DELIMITER
 from ..errors import TokenizerError
 from ..files import atomic_file
 from .spm import (
     BOS_ID,
     CHAT_MARKERS,
     EOS_ID,
-    META_FILE,
+    INFO_FILE,
     MIN_VOCAB,
     MODEL_FILE,
     N_BYTE_PIECES,
@@ -63,25 +57,8 @@ MAX_LINE_CHARS = 8192  # longer lines are cut; sentencepiece would skip them
 DEFAULT_HUB_DOCS = 200_000  # rows of a hub dataset read to train a tokenizer
 
 
-def _corpus_lines(item: Path | HubSource, text_field: str, max_docs: int | None):
-    """(line, bytes read since the previous line) of a .txt file, or of the texts
-    of a jsonl/parquet file or of the first `max_docs` rows of a hub dataset."""
-    if isinstance(item, Path) and item.suffix.lower() not in RECORD_SUFFIXES:
-        yield from iter_lines(item)
-        return
-    if isinstance(item, HubSource):
-        docs = itertools.islice(iter_hub(item, text_field), max_docs)
-    else:
-        docs = iter_file(item, text_field=text_field)
-    for text, _ in docs:
-        nbytes = len(text.encode("utf-8")) + 1
-        for line in text.split("\n"):
-            yield line.removesuffix("\r"), nbytes
-            nbytes = 0
-
-
 def _sample_lines(
-    sources: list[Path] | HubSource,
+    sources: list[Source],
     max_sentences: int,
     seed: int,
     text_field: str = DEFAULT_TEXT_FIELD,
@@ -91,14 +68,13 @@ def _sample_lines(
     at most max_sentences; return (sample, corpus description)."""
     rng = random.Random(seed)
     sample: list[str] = []
-    seen, has_text, files, total = 0, False, [], 0
-    items = [sources] if isinstance(sources, HubSource) else sources
-    size = (
-        None if isinstance(sources, HubSource) else sum(p.stat().st_size for p in items)
-    )
+    seen, has_text, total = 0, False, 0
+    opts = ReadOptions(text_field=text_field)
+    sizes = [source.size for source in sources]
+    size = None if None in sizes else sum(sizes)
     with tqdm(total=size, unit="B", unit_scale=True, desc="read corpus") as bar:
-        for item in items:
-            for line, nbytes in _corpus_lines(item, text_field, max_docs):
+        for source in sources:
+            for line, nbytes in source.lines(opts, max_docs):
                 bar.update(nbytes)
                 total += nbytes
                 if not line or line.strip() == DOC_DELIMITER:
@@ -111,8 +87,8 @@ def _sample_lines(
                         sample.append(piece)
                     elif (j := rng.randrange(seen)) < max_sentences:
                         sample[j] = piece  # reservoir sampling (Algorithm R)
-    files = describe(sources)
-    names = ", ".join(map(str, items[:3])) + (" ..." if len(items) > 3 else "")
+    files = [source.describe() for source in sources]
+    names = ", ".join(map(str, sources[:3])) + (" ..." if len(sources) > 3 else "")
     if not seen:
         raise TokenizerError(f"the corpus is empty: no text lines in {names}")
     if not has_text:
@@ -142,7 +118,7 @@ def _explain(message: str, vocab_size: int, coverage: float) -> str:
 
 
 def train_tokenizer(
-    inputs: Sequence[str | Path] | HubSource,
+    inputs: Sequence[str | Path | Source],
     output: str | Path,
     vocab_size: int,
     model_type: str = "bpe",
@@ -152,9 +128,10 @@ def train_tokenizer(
     text_field: str = DEFAULT_TEXT_FIELD,
     max_docs: int | None = None,
 ) -> Tokenizer:
-    """Train on text files (each line is a sentence; `<|endoftext|>` lines are
-    skipped), jsonl/parquet files or a hub dataset (the lines of each row's
-    `text_field`; of the first `max_docs` rows of a hub dataset), and write
+    """Train on `inputs` (paths, folders, globs or sources, see
+    `src.corpus.sources.open_sources`): the lines of text files (`<|endoftext|>`
+    lines are skipped) and of each row's `text_field` in jsonl/parquet files and
+    hub datasets (of the first `max_docs` rows; None: all). Writes
     output/tokenizer.model and output/tokenizer.json."""
     if vocab_size < MIN_VOCAB:
         raise TokenizerError(
@@ -173,9 +150,8 @@ def train_tokenizer(
     out = Path(output)
     if out.exists() and not out.is_dir():
         raise TokenizerError(f"{out}: exists and is not a folder")
-    if not isinstance(inputs, HubSource):
-        inputs = expand_inputs(inputs, FOLDER_SUFFIXES)
-    sample, corpus = _sample_lines(inputs, max_sentences, seed, text_field, max_docs)
+    sources = open_sources(inputs)
+    sample, corpus = _sample_lines(sources, max_sentences, seed, text_field, max_docs)
     print(f"training {model_type} on {len(sample)} lines...", file=sys.stderr)
     writer = io.BytesIO()
     try:
@@ -227,6 +203,6 @@ def train_tokenizer(
     }
     with atomic_file(out / MODEL_FILE) as f:
         f.write(model)
-    with atomic_file(out / META_FILE, "w") as f:
+    with atomic_file(out / INFO_FILE, "w") as f:
         json.dump(meta, f, indent=2)
     return Tokenizer.load(out)

@@ -8,9 +8,10 @@ from pathlib import Path
 
 from tqdm import tqdm
 
+from ..corpus.sources import DEFAULT_TEXT_FIELD, HubDataset, ReadOptions
+from ..corpus.text import DOC_DELIMITER
 from ..errors import DataError
 from ..files import atomic_file
-from .sources import DOC_DELIMITER
 
 
 def download_tinystories(
@@ -18,37 +19,32 @@ def download_tinystories(
     dataset: str = "roneneldan/TinyStories",
     split: str = "train",
     max_docs: int | None = None,
+    text_field: str = DEFAULT_TEXT_FIELD,
 ) -> int:
-    """Stream a Hugging Face text dataset into a .txt file with a DOC_DELIMITER line
-    after each document; returns the number of documents."""
-    try:
-        import datasets  # heavy, and only needed here
-    except ImportError:
-        raise DataError(
-            "download needs the `datasets` package (pip install datasets)"
-        ) from None
+    """Stream the `text_field` of a hub dataset's rows into a .txt file with a
+    DOC_DELIMITER line after each document; returns the number of documents."""
     n = 0
     try:
-        rows = datasets.load_dataset(dataset, split=split, streaming=True)
+        opts = ReadOptions(text_field=text_field)
+        docs = HubDataset(dataset, None, split).documents(opts)
         with atomic_file(output, "w") as f, tqdm(unit=" docs", desc="download") as bar:
-            for row in rows:
-                if "text" not in row:
-                    raise DataError(
-                        f"{dataset}: rows have no 'text' field ({sorted(row)})"
-                    )
-                if text := row["text"].strip():
+            for text, _ in docs:
+                if text:
                     f.write(f"{text}\n{DOC_DELIMITER}\n")
                     n += 1
                     bar.update()
                 if max_docs is not None and n >= max_docs:
                     break
-    except DataError:
-        raise
-    except Exception as e:  # offline shows as ConnectionError, OSError, hub errors...
-        raise DataError(
-            f"could not download {dataset} (split {split!r}): {type(e).__name__}: {e}\n"
-            f"  offline? copy a TinyStories .txt file (stories separated by "
+    except DataError as e:
+        # a failure to reach or read the hub (offline shows as ConnectionError,
+        # OSError, hub errors...) carries its cause; a bad row does not
+        hint = (
+            f"\n  offline? copy a TinyStories .txt file (stories separated by "
             f"{DOC_DELIMITER} lines) to {output}, or pass --data PATH"
+        )
+        raise DataError(
+            f"could not download {dataset} (split {split!r}): {e}"
+            + (hint if e.__cause__ is not None else "")
         ) from e
     if n == 0:
         raise DataError(f"{dataset} (split {split!r}) gave no documents")

@@ -1,3 +1,0 @@
-from .training import main
-
-raise SystemExit(main())
