@@ -1,10 +1,10 @@
 """What every command line of the project shares: how errors end a command,
 the argparse value checks, and numbers formatted for people.
 
-`run(body)` is the one place that turns a user's mistake into `error: <message>`
-and exit status 2 (a `UserError`, or an OS error on a path the user named), and
-Ctrl-C into exit status 130, without a traceback. argparse's own usage errors
-exit 2 as well. No MLX or torch here: the data and tokenizer commands use it.
+`command(parser, argv, body)` is every command's `main`, and `run` the one place
+that turns a user's mistake into `error: <message>` and exit status 2 (a
+`UserError`, or an OS error on a path the user named), and Ctrl-C into exit status
+130, without a traceback. argparse's own usage errors exit 2 as well. No MLX or torch here: the data and tokenizer commands use it.
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ import argparse
 import sys
 from collections.abc import Callable
 
-from .errors import UserError
+from .errors import UsageError, UserError
 
 INTERRUPTED = 130  # 128 + SIGINT, as a shell reports it
 
@@ -24,18 +24,42 @@ def fail(message: str, prefix: str = "error") -> int:
     return 2
 
 
+def command(
+    parser: argparse.ArgumentParser,
+    argv,
+    body: Callable[[argparse.Namespace], int | None],
+    *,
+    catch: tuple[type[BaseException], ...] = (OSError,),
+    prefix: str = "error",
+) -> int:
+    """A command's `main`: parse `argv` (--help and argparse's usage errors end
+    here, 0 or 2), then `run` `body(args)`; its return value (None = 0) is the
+    exit status."""
+    args = parse(parser, argv)
+    if isinstance(args, int):
+        return args
+    return run(lambda: body(args), catch=catch, prefix=prefix, parser=parser)
+
+
 def run(
     body: Callable[[], int | None],
     *,
     catch: tuple[type[BaseException], ...] = (OSError,),
     prefix: str = "error",
+    parser: argparse.ArgumentParser | None = None,
 ) -> int:
     """Run a command's body; its return value (None = 0) is the exit status.
 
     `UserError`s, and the exception types in `catch` (OSError by default: a path
-    the user named), print one line and give 2; Ctrl-C gives 130."""
+    the user named), print one line and give 2 (a `UsageError` also the usage
+    line of `parser`); Ctrl-C gives 130."""
     try:
         return body() or 0
+    except UsageError as exc:
+        if parser is None:
+            return fail(str(exc), prefix)
+        parser.print_usage(sys.stderr)
+        return fail(str(exc), f"{parser.prog}: error")
     except (UserError, *catch) as exc:
         return fail(str(exc), prefix)
     except KeyboardInterrupt:

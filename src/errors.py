@@ -15,6 +15,11 @@ class UserError(Exception):
     """A mistake in the user's input, files or setup (not a bug of ours)."""
 
 
+class UsageError(UserError):
+    """A wrong combination of command-line options (reported with the usage line,
+    as argparse reports its own)."""
+
+
 class ConfigError(UserError, ValueError):
     """A config file or `--set` override: names the key, the value and the rule."""
 

@@ -187,16 +187,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = cli.parse(build_parser(), argv)
-    if isinstance(args, int):
-        return args
-
-    def run() -> None:
+    def run(args: argparse.Namespace) -> None:
         runs = [load_run(d) for d in args.runs]
         print(plot_runs(runs, args.out or default_out(runs)))
 
     # matplotlib refuses an --out of a kind it cannot write with a ValueError
-    return cli.run(run, catch=(OSError, ValueError))
+    return cli.command(build_parser(), argv, run, catch=(OSError, ValueError))
 
 
 if __name__ == "__main__":

@@ -158,15 +158,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = cli.parse(build_parser(), argv)
-    if isinstance(args, int):
-        return args
-
-    def run() -> None:
+    def run(args: argparse.Namespace) -> None:
         for d in args.runs:
             print(write_report(d, plot=not args.no_plot))
 
-    return cli.run(run, catch=(OSError, ValueError))
+    return cli.command(build_parser(), argv, run, catch=(OSError, ValueError))
 
 
 if __name__ == "__main__":

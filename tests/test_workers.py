@@ -164,7 +164,8 @@ def test_limits_with_parallel_workers(tmp_path, stories, tok_dir):
             assert sum(s["docs"] for s in splits) == 60
         else:
             assert 9000 <= sum(s["n_tokens"] for s in splits) < 9000 + 1000
-            assert sum(s["docs"] for s in splits) < 60
+            # the token limit, not the end of the corpus, stopped it
+            assert sum(s["docs"] for s in splits) < len(stories)
 
 
 def test_workers_start_without_fork_while_threads_run(tmp_path, stories, tok_dir):

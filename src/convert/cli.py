@@ -12,11 +12,10 @@ Face folders back.
 from __future__ import annotations
 
 import argparse
-import sys
 
 from .. import cli
 from ..backend.policy import DTYPES
-from ..errors import UserError
+from ..errors import UsageError, UserError
 from .hf import from_hf, to_hf
 from .torch_export import to_torch
 
@@ -56,24 +55,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = build_parser()
-    args = cli.parse(p, argv)
-    if isinstance(args, int):
-        return args
-    if args.checkpoint and not args.to:
-        return usage_error(p, "--checkpoint needs --to torch or --to hf")
-    if args.from_hf and (args.from_hf[0] != "hf" or args.to):
-        return usage_error(p, "use --from hf DIR --out RUN_DIR (without --to)")
-    return cli.run(lambda: convert(args))
-
-
-def usage_error(p: argparse.ArgumentParser, message: str) -> int:
-    """argparse's usage line and `prog: error: message`, exit status 2."""
-    p.print_usage(sys.stderr)
-    return cli.fail(message, f"{p.prog}: error")
+    return cli.command(build_parser(), argv, convert)
 
 
 def convert(args: argparse.Namespace) -> None:
+    if args.checkpoint and not args.to:
+        raise UsageError("--checkpoint needs --to torch or --to hf")
+    if args.from_hf and (args.from_hf[0] != "hf" or args.to):
+        raise UsageError("use --from hf DIR --out RUN_DIR (without --to)")
     try:
         if args.from_hf:
             path = from_hf(args.from_hf[1], args.out)

@@ -222,10 +222,7 @@ def _stats(args) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = cli.parse(build_parser(), argv)
-    if isinstance(args, int):
-        return args
-    return cli.run(lambda: run(args))
+    return cli.command(build_parser(), argv, run)
 
 
 def run(args: argparse.Namespace) -> None:

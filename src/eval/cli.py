@@ -216,14 +216,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = cli.parse(build_parser(), argv)
-    if isinstance(args, int):
-        return args
-    policy.configure_process()
-    return cli.run(lambda: evaluate(args))
+    return cli.command(build_parser(), argv, evaluate)
 
 
 def evaluate(args: argparse.Namespace) -> None:
+    policy.configure_process()
     checkpoints = args.compare or [args.checkpoint]
     results = [
         evaluate_checkpoint(

@@ -23,7 +23,7 @@ import mlx.nn as nn
 from .. import cli
 from ..backend.policy import DTYPES
 from ..checkpoint.contents import load_model
-from ..errors import UserError
+from ..errors import UsageError, UserError
 from .generate import Stats
 from .sampling import Sampling, add_sampling_args, sampling_from_args
 from .streaming import complete_batch, prompt_ids, run_rows
@@ -91,26 +91,16 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = build_parser()
-    args = cli.parse(p, argv)
-    if isinstance(args, int):
-        return args
+    return cli.command(build_parser(), argv, generate)
+
+
+def generate(args: argparse.Namespace) -> int:
     try:
         s = sampling_from_args(args)
     except ValueError as exc:
-        return usage_error(p, str(exc))
+        raise UsageError(str(exc)) from None
     if args.output and not args.prompts_file:
-        return usage_error(p, "--output needs --prompts-file")
-    return cli.run(lambda: generate(args, s))
-
-
-def usage_error(p: argparse.ArgumentParser, message: str) -> int:
-    """argparse's usage line and `prog: error: message`, exit status 2."""
-    p.print_usage(sys.stderr)
-    return cli.fail(message, f"{p.prog}: error")
-
-
-def generate(args: argparse.Namespace, s: Sampling) -> int:
+        raise UsageError("--output needs --prompts-file")
     if args.output and not Path(args.output).resolve().parent.is_dir():
         raise UserError(f"{args.output}: its folder does not exist")
     prompts = None

@@ -1,4 +1,4 @@
-"""Token generation over a KV cache: layer 1 of three (see STYLE.md, habit 6).
+"""Token generation over a KV cache: layer 1 of the three of `src.inference`.
 
 Layer 1, `generate_step`: prefill the prompt in chunks of `prefill_chunk` tokens
 (bounded memory for long prompts), then decode one token per step attending to

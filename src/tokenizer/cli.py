@@ -112,10 +112,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = cli.parse(build_parser(), argv)
-    if isinstance(args, int):
-        return args
-    return cli.run(lambda: run(args))
+    return cli.command(build_parser(), argv, run)
 
 
 def run(args: argparse.Namespace) -> None:

@@ -57,12 +57,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    args = cli.parse(build_parser(), argv)
-    if isinstance(args, int):
-        return args
-    policy.configure_process()
 
-    def run() -> int:
+    def run(args: argparse.Namespace) -> int:
+        policy.configure_process()
         cfg = load_config(args.config, args.set)
         if args.show_config:
             print(dump_config(cfg), end="")
@@ -73,6 +70,7 @@ def main(argv: list[str] | None = None) -> int:
         return train(cfg, args.resume, args.overwrite, dist)
 
     try:
-        return cli.run(run, catch=(), prefix=f"error{distributed.rank_tag()}")
+        prefix = f"error{distributed.rank_tag()}"
+        return cli.command(build_parser(), argv, run, catch=(), prefix=prefix)
     except RuntimeError as exc:  # distributed: e.g. another rank died
         return distributed.report_failure(exc)
