@@ -8,7 +8,7 @@ cd "$(dirname "$0")/.."
 EXTRAS=${EXTRAS:-dev}
 PYTHON=${PYTHON:-python3}
 
-# MLX's Linux CPU wheel links a reference BLAS (~30x slower fp32 matmuls); src/blas.py
+# MLX's Linux CPU wheel links a reference BLAS (~30x slower fp32 matmuls); src/backend/blas.py
 # loads OpenBLAS instead when it is installed (see README, "Linux CPU fast path").
 if [ "$(uname -s)" = "Linux" ] && command -v apt-get >/dev/null 2>&1 \
    && ! ls /usr/lib/*-linux-gnu/openblas-pthread/libopenblas.so.0 >/dev/null 2>&1; then
@@ -31,4 +31,4 @@ if [ ! -f "$stamp" ]; then
   .venv/bin/python -m pip install -q -e ".[${EXTRAS}]"
   rm -f .venv/.installed-* && touch "$stamp"
 fi
-.venv/bin/python -c "import src, src.blas as b; print('setup:', b.describe())"
+.venv/bin/python -c "import src, src.backend.blas as b; print('setup:', b.describe())"
