@@ -105,7 +105,8 @@ def lr_at(step: int, total: int, lr: float, warmup: int) -> float:
 
 @torch.no_grad()
 def loss_sum(model: GPT, windows) -> float:
-    """Summed next-token loss (nats) of windows (B, L+1), as src.eval.evaluator's eval fn."""
+    """Summed next-token loss (nats) of windows (B, L+1), as our evaluation's
+    (src.eval.evaluator.make_eval_fn)."""
     model.eval()
     w = torch.from_numpy(np.asarray(windows)).long()
     logits = model(w[:, :-1])

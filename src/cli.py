@@ -4,7 +4,8 @@ the argparse value checks, and numbers formatted for people.
 `command(parser, argv, body)` is every command's `main`, and `run` the one place
 that turns a user's mistake into `error: <message>` and exit status 2 (a
 `UserError`, or an OS error on a path the user named), and Ctrl-C into exit status
-130, without a traceback. argparse's own usage errors exit 2 as well. No MLX or torch here: the data and tokenizer commands use it.
+130, without a traceback. argparse's own usage errors exit 2 as well. No MLX or
+torch here: the data and tokenizer commands use it.
 """
 
 from __future__ import annotations

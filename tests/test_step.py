@@ -250,9 +250,13 @@ def test_cpu_evaluation_order_is_wide():
     setup = "import src.backend.policy as p; p.configure_process()"
     code = f"import os, src.train.step; {{}}; print(os.environ.get('{BFS_WIDTH_VAR}'))"
     env = {k: v for k, v in os.environ.items() if k != BFS_WIDTH_VAR}
-    run = lambda e, s=setup: subprocess.run([sys.executable, "-c", code.format(s)], env=e,  # noqa: E731
-                                            cwd=ROOT, capture_output=True, text=True,
-                                            check=True).stdout  # fmt: skip
+
+    def run(env, s=setup):
+        argv = [sys.executable, "-c", code.format(s)]
+        out = subprocess.run(argv, env=env, cwd=ROOT, capture_output=True, text=True)
+        assert out.returncode == 0, out.stderr
+        return out.stdout
+
     on_cpu = mx.default_device().type == mx.DeviceType.cpu
     assert run(env).strip() == (BFS_WIDTH if on_cpu else "None")
     assert run({**env, BFS_WIDTH_VAR: "7"}).strip() == "7"

@@ -1,4 +1,5 @@
-"""A PyTorch reference implementation of src/model/transformer.py, for parity tests and export.
+"""A PyTorch reference implementation of src/model/transformer.py, for parity
+tests and export.
 
 The same architecture with the same module names (so a `state_dict` is our MLX
 weight dictionary, key for key) and the same math:

@@ -174,8 +174,12 @@ def build_parser() -> argparse.ArgumentParser:
     add("--dataset", default="roneneldan/TinyStories", help="hub dataset id")
     add("--split", default="train", help="dataset split (default train)")
     add("--max-docs", type=cli.positive_int, metavar="N", help="stop after N documents")
-    add("--text-field", default=DEFAULT_TEXT_FIELD, metavar="NAME",
-        help=f"field of the rows holding the text (default {DEFAULT_TEXT_FIELD})")  # fmt: skip
+    add(
+        "--text-field",
+        default=DEFAULT_TEXT_FIELD,
+        metavar="NAME",
+        help=f"field of the rows holding the text (default {DEFAULT_TEXT_FIELD})",
+    )
     return p
 
 

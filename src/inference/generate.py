@@ -6,8 +6,8 @@ the cached keys/values: O(L) work per new token instead of re-running the whole
 sequence. The next step is queued (`mx.async_eval`) before the current token is
 handed out, so Python overhead overlaps the model's work. Rows of a batch share
 one cache and decode in lockstep; prompts in a batch must have the same length.
-The cache (`src.inference.cache.KVCache`) has its growth step set to the context, so it is
-allocated once, at the first prefill, and never grows or copies.
+The cache (`src.inference.cache.KVCache`) has its growth step set to the context,
+so it is allocated once, at the first prefill, and never grows or copies.
 
 Layer 2 (text, streaming, batches) is `src.inference.streaming`; layer 3 the CLI
 and the REPL.
