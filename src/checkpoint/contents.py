@@ -36,9 +36,10 @@ def build_meta(cfg: Config, tokenizer_sha256: str | None, **fields) -> dict:
     }
 
 
-def locate(path: str | Path) -> Path:
-    """The verified checkpoint folder `path` names (a link is followed);
-    CheckpointError when there is none, or when `path` is a run folder."""
+def locate(path: str | Path, verify: bool = True) -> Path:
+    """The checkpoint folder `path` names (a link is followed), its checksums
+    verified unless `verify` is False; CheckpointError when there is none, or
+    when `path` is a run folder."""
     p = Path(path)
     if not p.is_dir():
         raise CheckpointError(f"{p}: no such checkpoint folder")
@@ -47,7 +48,8 @@ def locate(path: str | Path) -> Path:
     ):
         raise CheckpointError(f"{p} is a run folder: pass {p}/best or {p}/latest")
     p = p.resolve()
-    store.verify_checkpoint(p)
+    if verify:
+        store.verify_checkpoint(p)
     return p
 
 
@@ -63,9 +65,9 @@ class Checkpoint:
     meta: dict
 
 
-def open_checkpoint(path: str | Path) -> Checkpoint:
-    """Verify and load a checkpoint (see `locate`)."""
-    path = locate(path)
+def open_checkpoint(path: str | Path, verify: bool = True) -> Checkpoint:
+    """Load a checkpoint, verified unless `verify` is False (see `locate`)."""
+    path = locate(path, verify)
     weights, optimizer, meta = store.load_checkpoint(path, verify=False)
     if not isinstance(meta.get("config"), dict):
         raise CheckpointError(f"{path}/meta.json has no model config")

@@ -86,20 +86,13 @@ class Source(ABC):
         `range_bytes` (.txt) or lists of at most `batch_docs` texts (records)."""
 
 
-def _as_path(source) -> None:
-    object.__setattr__(source, "path", Path(source.path))  # frozen: at init only
-
-
-@dataclass(frozen=True)
-class TextFile(Source):
-    """A local .txt file: documents end at `--delimiter` lines; `prepare`'s
-    workers each read a byte range of it themselves."""
+class _OnDisk:
+    """A local file source: named by its path, measured in bytes."""
 
     path: Path
-    records = False
 
     def __post_init__(self) -> None:
-        _as_path(self)
+        object.__setattr__(self, "path", Path(self.path))  # frozen: at init only
 
     def __str__(self) -> str:
         return str(self.path)
@@ -110,6 +103,15 @@ class TextFile(Source):
 
     def describe(self) -> dict:
         return {"path": str(self.path), "bytes": self.size}
+
+
+@dataclass(frozen=True)
+class TextFile(_OnDisk, Source):
+    """A local .txt file: documents end at `--delimiter` lines; `prepare`'s
+    workers each read a byte range of it themselves."""
+
+    path: Path
+    records = False
 
     def documents(self, opts: ReadOptions) -> Iterator[tuple[str, int]]:
         return iter_documents(self.path, opts.delimiter)
@@ -158,26 +160,16 @@ class _Rows(Source):
 
 
 @dataclass(frozen=True)
-class RecordFile(_Rows):
+class RecordFile(_OnDisk, _Rows):
     """A local .jsonl/.json (one JSON object per line) or .parquet file, read one
     file at a time so an error names the file."""
 
     path: Path
 
     def __post_init__(self) -> None:
-        _as_path(self)
+        super().__post_init__()
         if self.path.suffix.lower() not in RECORD_SUFFIXES:
             raise DataError(f"{self.path}: not a .jsonl, .json or .parquet file")
-
-    def __str__(self) -> str:
-        return str(self.path)
-
-    @property
-    def size(self) -> int:
-        return self.path.stat().st_size
-
-    def describe(self) -> dict:
-        return {"path": str(self.path), "bytes": self.size}
 
     def _load(self, datasets) -> Iterable[dict]:
         builder = RECORD_SUFFIXES[self.path.suffix.lower()]

@@ -82,17 +82,17 @@ def open_inputs(cfg: Config, resume_path: Path | None, dist: Dist) -> Inputs:
         tokenizer,
         TokenLoader(cfg.data.train_path, m.context_length, m.vocab_size, sha),
         TokenLoader(cfg.data.val_path, m.context_length, m.vocab_size, sha),
-        resume_path,
         meta,
     )
 
 
 def restore(parts: Assembly, path: Path | None, log: RunLog) -> Start:
-    """Load the checkpoint at `path` into the assembled model and optimizer (in
-    place); where the run starts. Nothing to load: step 0."""
+    """Load the checkpoint at `path`, verified when it was chosen
+    (`resume_or_clear`), into the assembled model and optimizer (in place); where
+    the run starts. Nothing to load: step 0."""
     if path is None:
         return Start(0, math.inf)
-    ck = open_checkpoint(path)
+    ck = open_checkpoint(path, verify=False)  # hashing it once is enough
     try:
         parts.model.load_weights(list(ck.weights.items()), strict=True)
         if ck.optimizer:

@@ -44,8 +44,7 @@ class Inputs:
     tokenizer: Tokenizer
     train_data: TokenLoader
     val_data: TokenLoader
-    resume_path: Path | None  # rank 0's checkpoint to continue from
-    resume_meta: dict | None
+    resume_meta: dict | None  # of rank 0's checkpoint to continue from
 
 
 @dataclass(frozen=True)
