@@ -11,6 +11,7 @@ torch here: the data and tokenizer commands use it.
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 from collections.abc import Callable
 
@@ -53,7 +54,11 @@ def run(
 
     `UserError`s, and the exception types in `catch` (OSError by default: a path
     the user named), print one line and give 2 (a `UsageError` also the usage
-    line of `parser`); Ctrl-C gives 130."""
+    line of `parser`); Ctrl-C gives 130. A name that is not valid UTF-8 (a
+    path from argv) is printed with backslash escapes, never a traceback."""
+    for stream in (sys.stdout, sys.stderr):
+        if hasattr(stream, "reconfigure"):  # not when a test replaced it
+            stream.reconfigure(errors="backslashreplace")
     try:
         return body() or 0
     except UsageError as exc:
@@ -78,45 +83,76 @@ def parse(parser: argparse.ArgumentParser, argv) -> argparse.Namespace | int:
 
 
 # ------------------------------------------------------------ argparse types
+# Each accepts only finite values in a range that numpy and MLX can hold: no inf,
+# nan, or an integer past int64 (they would pass argparse and crash far later).
+
+MAX_INT = 2**63 - 1  # int64: what numpy and MLX take
+MAX_NUMBER = 1e9  # e.g. seconds (31 years); more overflows sleep and timeouts
+
+
+def _int(text: str) -> int | None:
+    try:  # int() takes " 5", "+5", "5_000"; over 4300 digits it raises ValueError
+        return int(text)
+    except ValueError:
+        return None
+
+
+def int_in(lo: int, hi: int):
+    """A type for integers in [lo, hi]."""
+
+    def parse(text: str) -> int:
+        value = _int(text)
+        if value is None or not lo <= value <= hi:
+            raise argparse.ArgumentTypeError(
+                f"expected an integer in [{lo}, {hi}], got {text!r}"
+            )
+        return value
+
+    return parse
 
 
 def positive_int(text: str) -> int:
-    """An integer >= 1."""
-    if not text.isdigit() or int(text) < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
-    return int(text)
-
-
-def count(text: str) -> int:
-    """An integer >= 0."""
-    if not text.isdigit():
-        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}")
-    return int(text)
-
-
-def positive_number(text: str) -> float:
-    """A finite number > 0."""
-    try:
-        value = float(text)
-    except ValueError:
-        value = float("nan")
-    if not 0 < value < float("inf"):
-        raise argparse.ArgumentTypeError(f"expected a number > 0, got {text!r}")
+    """An integer in [1, 2**63 - 1]."""
+    value = _int(text)
+    if value is None or not 1 <= value <= MAX_INT:
+        raise argparse.ArgumentTypeError(
+            f"expected a positive integer below 2**63, got {text!r}"
+        )
     return value
 
 
+def count(text: str) -> int:
+    """An integer in [0, 2**63 - 1]."""
+    value = _int(text)
+    if value is None or not 0 <= value <= MAX_INT:
+        raise argparse.ArgumentTypeError(
+            f"expected an integer >= 0 and below 2**63, got {text!r}"
+        )
+    return value
+
+
+def positive_number(text: str) -> float:
+    """A finite number in (0, 1e9]."""
+    return number_in(0.0, MAX_NUMBER, lo_open=True)(text)
+
+
 def number_in(lo: float, hi: float, *, lo_open: bool = False, hi_open: bool = False):
-    """A type for numbers in [lo, hi], each end open where asked."""
+    """A type for numbers in [lo, hi] (finite bounds), each end open where asked;
+    nan and inf are never in range."""
+    assert math.isfinite(lo) and math.isfinite(hi), "bounds must be finite"
 
     def parse(text: str) -> float:
         try:
             v = float(text)
         except ValueError:
-            v = float("nan")
+            v = math.nan
         above = lo < v if lo_open else lo <= v
         below = v < hi if hi_open else v <= hi
         if not (above and below):
-            bounds = f"{'(' if lo_open else '['}{lo}, {hi}{')' if hi_open else ']'}"
+            ends = (f"{x:.0f}" if float(x).is_integer() else f"{x:g}" for x in (lo, hi))
+            bounds = (
+                f"{'(' if lo_open else '['}{', '.join(ends)}{')' if hi_open else ']'}"
+            )
             raise argparse.ArgumentTypeError(
                 f"expected a number in {bounds}, got {text!r}"
             )

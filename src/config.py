@@ -1,8 +1,12 @@
 """Typed run configuration loaded from YAML, with `--set` overrides and checks.
 
-A config file has the sections below; every key is optional and falls back to the
-dataclass default. Unknown keys, wrong types and impossible shapes raise
-`ConfigError` naming the key, the value and the rule, before any array exists.
+A config file is a mapping of the sections below; a key left out falls back to the
+dataclass default, but the file may not be empty and a section must be a mapping.
+Every field carries its rule (`num`, `choice`, `_folder_name`): each number must be
+finite and in its range, each string valid UTF-8 without NUL, before any array
+exists; unknown keys, wrong types and impossible shapes raise `ConfigError` naming
+the key, the value and the rule. The YAML reader refuses what a config never needs
+and a hostile file abuses: aliases (an alias bomb), repeated keys, non-string keys.
 This module imports neither MLX nor torch.
 """
 
@@ -10,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 import types
 import typing
 from dataclasses import dataclass, field
@@ -18,27 +23,80 @@ from typing import Any
 
 import yaml
 
-from .errors import ConfigError
+from .errors import ConfigError, utf8_problem
 
 OPTIMIZERS = ("adamw",)  # training.optimizer: the classes are in src/train/optim.py
 PRECISIONS = ("auto", "fp32", "bf16")  # training.precision (src/backend/policy.py)
 
+MAX_COUNT = 2**31 - 1  # steps, sizes and intervals reach MLX as int32 arrays
+MAX_SEED = 2**63 - 1  # mx.random.seed and numpy take it (src/train/step.py)
+MAX_VOCAB = 2**20  # 4x the largest vocabularies in use (src/tokenizer/spm.py)
+MAX_FILE_BYTES = 1 << 20  # a config is a few hundred bytes; /dev/zero is not one
+MAX_DEPTH = 16  # YAML nesting; a config needs 3 (section, key, list)
+
+
+def _show(v: float) -> str:
+    return str(v) if isinstance(v, int) else f"{v:g}"
+
+
+def num(default, *, ge=None, gt=None, le=None, lt=None, off=None):
+    """A numeric field with its rule: finite, >= ge (or > gt) and <= le (or < lt);
+    `off` is one more value allowed outside that (e.g. 0 = greedy). Every number of
+    the config is declared this way, so none escapes the range check."""
+    lo, hi = (ge if gt is None else gt), (le if lt is None else lt)
+    if lo is None or hi is None:
+        raise TypeError("a config number needs a lower and an upper bound")
+    left, right = ("(" if gt is not None else "["), (")" if lt is not None else "]")
+    rule = f"in {left}{_show(lo)}, {_show(hi)}{right}"
+    rule = rule if off is None else f"{_show(off)} or {rule}"
+
+    def check(v: float) -> str | None:
+        if isinstance(v, float) and not math.isfinite(v):
+            return "must be a finite number"
+        ok = (v > lo if gt is not None else v >= lo) and (
+            v < hi if lt is not None else v <= hi
+        )
+        return None if ok or v == off else f"must be {rule}"
+
+    return field(default=default, metadata={"check": check})
+
+
+def choice(default: str, options: tuple[str, ...]):
+    """A string field that must be one of `options`."""
+
+    def check(v: str) -> str | None:
+        return None if v in options else f"must be one of {', '.join(options)}"
+
+    return field(default=default, metadata={"check": check})
+
+
+def _folder_name(v: str) -> str | None:
+    """run_name becomes a folder under checkpoint.dir and logging.dir."""
+    seps = {"/", "\\", os.sep, os.altsep} - {None}
+    if v in (".", "..") or any(s in v for s in seps) or len(v.encode()) > 200:
+        return "must be a folder name: no '/' or '\\', not '.' or '..', <= 200 bytes"
+    if any(ord(c) < 32 or c == "\x7f" for c in v):
+        return "must not hold control characters (a newline, a tab...)"
+    return None
+
 
 @dataclass
 class ModelConfig:
-    vocab_size: int = 32000
-    d_model: int = 768
-    n_layers: int = 16
-    n_heads: int = 12
-    n_kv_heads: int | None = None  # None: same as n_heads (plain multi-head)
-    d_ff: int | None = None  # None: 8/3 * d_model rounded up to a multiple of 256
-    context_length: int = 2048
-    rope_theta: float = 10000.0
-    norm_eps: float = 1e-5
+    vocab_size: int = num(32000, ge=1, le=MAX_VOCAB)
+    d_model: int = num(768, ge=1, le=2**16)
+    n_layers: int = num(16, ge=1, le=1024)
+    n_heads: int = num(12, ge=1, le=1024)
+    # None: same as n_heads (plain multi-head)
+    n_kv_heads: int | None = num(None, ge=1, le=1024)
+    # None: 8/3 * d_model rounded up to a multiple of 256
+    d_ff: int | None = num(None, ge=1, le=2**20)
+    context_length: int = num(2048, ge=1, le=2**20)
+    rope_theta: float = num(10000.0, gt=1, le=1e12)
+    norm_eps: float = num(1e-5, ge=1e-12, le=1)
     qk_norm: bool = False
     tie_embeddings: bool = True
-    dropout: float = 0.0
-    init_std: float = 0.02
+    dropout: float = num(0.0, ge=0, lt=1)
+    init_std: float = num(0.02, gt=0, le=1)
     gradient_checkpointing: bool = False
 
     @property
@@ -74,57 +132,64 @@ class DataConfig:
 
 @dataclass
 class TrainingConfig:
-    seed: int = 1337
-    batch_size: int = 16  # micro-batch, sequences per forward pass
-    grad_accum_steps: int = 1  # effective batch = batch_size * grad_accum_steps
-    max_steps: int = 1000
-    time_budget_minutes: float = 0.0  # > 0: max_steps = what fits (src/train/budget.py)
-    optimizer: str = "adamw"  # one of OPTIMIZERS (src/train/optim.py)
-    learning_rate: float = 3e-4
-    min_lr_ratio: float = 0.1  # cosine decays to learning_rate * min_lr_ratio
-    warmup_steps: int = 100
-    weight_decay: float = 0.1
+    seed: int = num(1337, ge=0, le=MAX_SEED)
+    batch_size: int = num(16, ge=1, le=2**20)  # micro-batch, sequences per forward
+    # effective batch = batch_size * grad_accum_steps
+    grad_accum_steps: int = num(1, ge=1, le=2**20)
+    max_steps: int = num(1000, ge=1, le=MAX_COUNT)
+    # > 0: max_steps = what fits (src/train/budget.py); 1e5 minutes is ~70 days
+    time_budget_minutes: float = num(0.0, ge=0, le=1e5)
+    optimizer: str = choice("adamw", OPTIMIZERS)  # src/train/optim.py
+    learning_rate: float = num(3e-4, gt=0, le=1)
+    # cosine decays to learning_rate * min_lr_ratio
+    min_lr_ratio: float = num(0.1, ge=0, le=1)
+    warmup_steps: int = num(100, ge=0, le=MAX_COUNT)
+    # <= 1: AdamW multiplies weights by 1 - lr * weight_decay, which stays >= 0
+    weight_decay: float = num(0.1, ge=0, le=1)
     decay_embeddings: bool = False
-    beta1: float = 0.9
-    beta2: float = 0.95
-    eps: float = 1e-8
-    grad_clip: float = 1.0  # global-norm clip; 0 disables
-    label_smoothing: float = 0.0
-    precision: str = "auto"  # auto | fp32 | bf16
+    beta1: float = num(0.9, ge=0, lt=1)
+    beta2: float = num(0.95, ge=0, lt=1)
+    eps: float = num(1e-8, ge=1e-30, le=1)  # float32 keeps it (not 0)
+    grad_clip: float = num(1.0, ge=0, le=1e6)  # global-norm clip; 0 disables
+    label_smoothing: float = num(0.0, ge=0, lt=1)
+    precision: str = choice("auto", PRECISIONS)  # src/backend/policy.py
     compile: bool = True
-    streams: int = (
-        0  # streams a micro-batch is split across; 0 = auto (src/backend/policy.py)
-    )
-    max_consecutive_skips: int = 10  # non-finite steps in a row before giving up
-    spike_factor: float = 10.0  # warn when loss > factor * moving average
+    # streams a micro-batch is split across; 0 = auto (src/backend/policy.py)
+    streams: int = num(0, ge=0, le=16)
+    # non-finite steps in a row before giving up
+    max_consecutive_skips: int = num(10, ge=1, le=MAX_COUNT)
+    # warn when loss > factor * moving average
+    spike_factor: float = num(10.0, gt=1, le=1e6)
 
 
 @dataclass
 class EvalConfig:
-    interval: int = 200  # steps between validations; 0 disables
-    max_tokens: int = 65536  # validation tokens per evaluation
+    interval: int = num(200, ge=0, le=MAX_COUNT)  # steps between validations; 0: off
+    max_tokens: int = num(65536, ge=1, le=MAX_COUNT)  # validation tokens per eval
     sample_prompts: list[str] = field(default_factory=lambda: ["Once upon a time"])
-    sample_tokens: int = 48
-    temperature: float = 0.8
+    sample_tokens: int = num(48, ge=0, le=2**20)
+    # 0 = greedy; a tiny one would overflow the logits / temperature
+    temperature: float = num(0.8, ge=1e-3, le=100, off=0)
 
 
 @dataclass
 class CheckpointConfig:
     dir: str = "checkpoints"
-    interval: int = 500  # steps between checkpoints; a final one is always written
-    keep_last: int = 3
+    # steps between checkpoints; a final one is always written
+    interval: int = num(500, ge=0, le=MAX_COUNT)
+    keep_last: int = num(3, ge=1, le=MAX_COUNT)
 
 
 @dataclass
 class LoggingConfig:
     dir: str = "logs"
-    interval: int = 10
+    interval: int = num(10, ge=1, le=MAX_COUNT)
     progress_bar: bool = True
 
 
 @dataclass
 class Config:
-    run_name: str = "run"
+    run_name: str = field(default="run", metadata={"check": _folder_name})
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     training: TrainingConfig = field(default_factory=TrainingConfig)
@@ -137,6 +202,12 @@ class Config:
 
 
 # ---------------------------------------------------------------- type coercion
+
+
+def _brief(value: Any) -> str:
+    """repr(value), cut short: a message stays one readable line."""
+    text = repr(value)
+    return text if len(text) <= 60 else f"{text[:40]}... ({len(text)} characters)"
 
 
 def _coerce(key: str, value: Any, tp: Any) -> Any:
@@ -155,44 +226,58 @@ def _coerce(key: str, value: Any, tp: Any) -> Any:
     if tp is bool:
         if isinstance(value, bool):
             return value
-        raise ConfigError(f"{key}={value!r}: expected true or false")
+        raise ConfigError(f"{key}={_brief(value)}: expected true or false")
     if tp is int:
-        if isinstance(value, bool):
-            raise ConfigError(f"{key}={value!r}: expected an integer")
-        if isinstance(value, int):
+        if isinstance(value, int) and not isinstance(value, bool):
             return value
-        try:  # PyYAML reads 1e6 as a string; accept any integral number
-            number = float(value)
-        except (TypeError, ValueError):
-            number = math.nan
-        if math.isfinite(number) and number == int(number):
+        if isinstance(value, str):
+            try:
+                return int(value)
+            except ValueError:
+                pass
+        number = _float(value)  # PyYAML reads 1e6 as a string: any integral number
+        if number is not None and math.isfinite(number) and number == int(number):
             return int(number)
-        raise ConfigError(f"{key}={value!r}: expected an integer")
+        raise ConfigError(f"{key}={_brief(value)}: expected an integer")
     if tp is float:
-        if isinstance(value, bool):
-            raise ConfigError(f"{key}={value!r}: expected a number")
-        try:  # PyYAML reads 3e-4 (no dot) as a string
-            return float(value)
-        except (TypeError, ValueError):
-            raise ConfigError(f"{key}={value!r}: expected a number") from None
+        number = _float(value)
+        if number is None:
+            raise ConfigError(f"{key}={_brief(value)}: expected a number")
+        return number
     if tp is str:
         if isinstance(value, (str, int, float)) and not isinstance(value, bool):
             return str(value)
-        raise ConfigError(f"{key}={value!r}: expected a string")
+        raise ConfigError(f"{key}={_brief(value)}: expected a string")
     raise TypeError(f"unsupported config field type {tp!r}")
+
+
+def _float(value: Any) -> float | None:
+    """`value` as a float (PyYAML reads 3e-4, without a dot, as a string), or None."""
+    if isinstance(value, bool) or not isinstance(value, (int, float, str)):
+        return None
+    try:
+        return float(value)
+    except (ValueError, OverflowError):  # OverflowError: an int past 1e308
+        return None
 
 
 def _build(cls: type, data: Any, prefix: str) -> Any:
     if not isinstance(data, dict):
-        raise ConfigError(f"{prefix or 'config'}: expected a mapping, got {data!r}")
+        what = f"section '{prefix}'" if prefix else "the config"
+        raise ConfigError(
+            f"{what} must be a mapping of keys, got {_brief(data)}"
+            + (" (write it as {} or leave it out)" if data is None else "")
+        )
     hints = typing.get_type_hints(cls)
     fields = {f.name for f in dataclasses.fields(cls)}
+    where = f" in section '{prefix}'" if prefix else ""
+    if bad := [k for k in data if not isinstance(k, str)]:
+        raise ConfigError(f"key {_brief(bad[0])}{where} is not a string")
     unknown = sorted(set(data) - fields)
     if unknown:
-        where = f" in section '{prefix}'" if prefix else ""
         raise ConfigError(
             f"unknown key{'s' if len(unknown) > 1 else ''} "
-            f"{', '.join(repr(k) for k in unknown)}{where}; "
+            f"{', '.join(_brief(k) for k in unknown)}{where}; "
             f"valid keys: {', '.join(sorted(fields))}"
         )
     kwargs = {}
@@ -200,7 +285,7 @@ def _build(cls: type, data: Any, prefix: str) -> Any:
         key = f"{prefix}.{name}" if prefix else name
         tp = hints[name]
         if dataclasses.is_dataclass(tp):
-            kwargs[name] = _build(tp, value or {}, key)
+            kwargs[name] = _build(tp, value, key)
         else:
             kwargs[name] = _coerce(key, value, tp)
     return cls(**kwargs)
@@ -211,17 +296,47 @@ def _build(cls: type, data: Any, prefix: str) -> Any:
 
 def _require(ok: bool, key: str, value: Any, rule: str) -> None:
     if not ok:
-        raise ConfigError(f"{key}={value!r}: {rule}")
+        raise ConfigError(f"{key}={_brief(value)}: {rule}")
+
+
+def _text_problem(text: str) -> str | None:
+    """What makes a config string unusable (as a path, a name or a prompt)."""
+    if not text:
+        return "must not be empty"
+    if "\0" in text:
+        return "must not hold a NUL character"
+    return utf8_problem(text)
+
+
+def _check_fields(obj: Any, prefix: str = "") -> None:
+    """Apply every field's own rule (its `check`), and the text rules to every
+    string; a number without a rule is a bug of this module."""
+    for f in dataclasses.fields(obj):
+        key, value = prefix + f.name, getattr(obj, f.name)
+        if dataclasses.is_dataclass(value):
+            _check_fields(value, f"{key}.")
+            continue
+        items = enumerate(value) if isinstance(value, list) else [(None, value)]
+        for i, item in items:
+            if isinstance(item, str) and (why := _text_problem(item)):
+                where = key if i is None else f"{key}[{i}]"
+                raise ConfigError(f"{where}={_brief(item)}: {why}")
+        check = f.metadata.get("check")
+        if check is None and isinstance(value, (int, float)):
+            if not isinstance(value, bool):
+                raise TypeError(
+                    f"config field {key} has no rule: declare it with num()"
+                )
+        if check is not None and value is not None:
+            rule = check(value)
+            _require(rule is None, key, value, rule)
 
 
 def validate(cfg: Config) -> Config:
-    """Check every value and shape rule; raise ConfigError on the first failure."""
-    m, t = cfg.model, cfg.training
-    for name in ("vocab_size", "d_model", "n_layers", "n_heads", "context_length"):
-        _require(getattr(m, name) > 0, f"model.{name}", getattr(m, name), "must be > 0")
-    for name in ("n_kv_heads", "d_ff"):
-        v = getattr(m, name)
-        _require(v is None or v > 0, f"model.{name}", v, "must be > 0 (or null)")
+    """Check every field's rule, then the rules between fields (shapes); raise
+    ConfigError on the first failure."""
+    _check_fields(cfg)
+    m = cfg.model
     _require(
         m.d_model % m.n_heads == 0,
         "model.d_model",
@@ -240,160 +355,230 @@ def validate(cfg: Config) -> Config:
         m.d_model,
         f"head dim d_model/n_heads={m.head_dim} must be even for RoPE",
     )
-    _require(m.rope_theta > 0, "model.rope_theta", m.rope_theta, "must be > 0")
-    _require(m.norm_eps > 0, "model.norm_eps", m.norm_eps, "must be > 0")
-    _require(0 <= m.dropout < 1, "model.dropout", m.dropout, "must be in [0, 1)")
-    _require(m.init_std > 0, "model.init_std", m.init_std, "must be > 0")
-
-    for name in ("batch_size", "grad_accum_steps", "max_steps"):
-        _require(
-            getattr(t, name) > 0, f"training.{name}", getattr(t, name), "must be > 0"
-        )
-    _require(
-        t.optimizer in OPTIMIZERS,
-        "training.optimizer",
-        t.optimizer,
-        f"must be one of {', '.join(OPTIMIZERS)}",
-    )
-    _require(
-        t.learning_rate > 0, "training.learning_rate", t.learning_rate, "must be > 0"
-    )
-    _require(
-        0 <= t.min_lr_ratio <= 1,
-        "training.min_lr_ratio",
-        t.min_lr_ratio,
-        "must be in [0, 1]",
-    )
-    _require(
-        t.warmup_steps >= 0, "training.warmup_steps", t.warmup_steps, "must be >= 0"
-    )
-    _require(
-        t.time_budget_minutes >= 0,
-        "training.time_budget_minutes",
-        t.time_budget_minutes,
-        "must be >= 0 (0 = off: train max_steps steps)",
-    )
-    _require(0 <= t.streams <= 16, "training.streams", t.streams, "must be in [0, 16]")
-    _require(
-        t.weight_decay >= 0, "training.weight_decay", t.weight_decay, "must be >= 0"
-    )
-    for name in ("beta1", "beta2"):
-        v = getattr(t, name)
-        _require(0 <= v < 1, f"training.{name}", v, "must be in [0, 1)")
-    _require(t.eps > 0, "training.eps", t.eps, "must be > 0")
-    _require(
-        t.grad_clip >= 0, "training.grad_clip", t.grad_clip, "must be >= 0 (0 = off)"
-    )
-    _require(
-        0 <= t.label_smoothing < 1,
-        "training.label_smoothing",
-        t.label_smoothing,
-        "must be in [0, 1)",
-    )
-    _require(
-        t.precision in PRECISIONS,
-        "training.precision",
-        t.precision,
-        f"must be one of {', '.join(PRECISIONS)}",
-    )
-    _require(
-        t.max_consecutive_skips > 0,
-        "training.max_consecutive_skips",
-        t.max_consecutive_skips,
-        "must be > 0",
-    )
-    _require(t.spike_factor > 1, "training.spike_factor", t.spike_factor, "must be > 1")
-
-    e = cfg.eval
-    _require(e.interval >= 0, "eval.interval", e.interval, "must be >= 0 (0 = off)")
-    _require(e.max_tokens > 0, "eval.max_tokens", e.max_tokens, "must be > 0")
-    _require(
-        e.sample_tokens >= 0, "eval.sample_tokens", e.sample_tokens, "must be >= 0"
-    )
-    _require(e.temperature >= 0, "eval.temperature", e.temperature, "must be >= 0")
-    c = cfg.checkpoint
-    _require(
-        c.interval >= 0,
-        "checkpoint.interval",
-        c.interval,
-        "must be >= 0 (0 = end only)",
-    )
-    _require(c.keep_last > 0, "checkpoint.keep_last", c.keep_last, "must be > 0")
-    _require(
-        cfg.logging.interval > 0,
-        "logging.interval",
-        cfg.logging.interval,
-        "must be > 0",
-    )
-    _require(
-        bool(cfg.run_name)
-        and "/" not in cfg.run_name
-        and cfg.run_name not in (".", ".."),
-        "run_name",
-        cfg.run_name,
-        "must be a non-empty name without '/'",
-    )
     return cfg
+
+
+# ------------------------------------------------------------------------ YAML
+
+
+class YAMLRefused(yaml.MarkedYAMLError):
+    """YAML that is valid but has no place in a config (see `_Loader`)."""
+
+
+class _Loader(yaml.SafeLoader):
+    """PyYAML's safe loader, refusing what a config never needs and a hostile file
+    abuses: aliases (a few hundred bytes of nested aliases expand to gigabytes),
+    a key repeated in a mapping (PyYAML keeps the last one silently), keys that
+    are not strings, and deep nesting (the composer recurses)."""
+
+    def __init__(self, text: str):
+        super().__init__(text)
+        self._depth = 0
+
+    def compose_node(self, parent, index):
+        event = self.peek_event()
+        if isinstance(event, yaml.AliasEvent):
+            raise YAMLRefused(
+                problem=f"alias *{event.anchor}: aliases are not allowed in a config",
+                problem_mark=event.start_mark,
+            )
+        self._depth += 1
+        if self._depth > MAX_DEPTH:
+            raise YAMLRefused(
+                problem=f"nested more than {MAX_DEPTH} levels deep",
+                problem_mark=event.start_mark,
+            )
+        try:
+            return super().compose_node(parent, index)
+        finally:
+            self._depth -= 1
+
+    def construct_mapping(self, node, deep=False):
+        if isinstance(node, yaml.MappingNode):
+            self.flatten_mapping(node)
+            seen: dict[str, int] = {}
+            for key_node, _ in node.value:
+                line = key_node.start_mark.line + 1
+                if key_node.tag != "tag:yaml.org,2002:str":
+                    kind = key_node.tag.rpartition(":")[2]  # int, bool, null, seq...
+                    shown = key_node.value if kind not in ("seq", "map") else "[...]"
+                    raise YAMLRefused(
+                        problem=f"the key {shown} is not a string (YAML reads it as {kind}; "
+                        "quote it)",
+                        problem_mark=key_node.start_mark,
+                    )
+                if key_node.value in seen:
+                    raise YAMLRefused(
+                        problem=f"the key {key_node.value!r} appears twice, on lines "
+                        f"{seen[key_node.value]} and {line}",
+                        problem_mark=key_node.start_mark,
+                    )
+                seen[key_node.value] = line
+        return super().construct_mapping(node, deep=deep)
+
+
+def parse_yaml(text: str) -> Any:
+    """The value of a YAML document, read by `_Loader`; yaml.YAMLError if invalid."""
+    loader = _Loader(text)
+    try:
+        return loader.get_single_data()
+    finally:
+        loader.dispose()
+
+
+def _yaml_error(where: str, text: str, exc: Exception) -> ConfigError:
+    """One line, `where:line:col: invalid YAML: problem`, from a PyYAML error."""
+    mark = getattr(exc, "problem_mark", None) or getattr(exc, "context_mark", None)
+    if isinstance(exc, yaml.reader.ReaderError):  # a character YAML forbids
+        line = text.count("\n", 0, exc.position) + 1
+        column = exc.position - text.rfind("\n", 0, exc.position)
+        problem = f"{exc.reason}: #x{exc.character:04x}"
+    elif isinstance(exc, yaml.MarkedYAMLError):
+        line, column = (mark.line + 1, mark.column + 1) if mark else (0, 0)
+        problem = "; ".join(filter(None, (exc.context, exc.problem)))
+    else:  # e.g. ValueError: an integer of more than 4300 digits
+        line, column, problem = 0, 0, str(exc)
+    at = f"{where}:{line}:{column}" if line else where
+    return ConfigError(f"{at}: invalid YAML: {' '.join(problem.split())}")
 
 
 # ---------------------------------------------------------------------- loading
 
 
 def parse_override(text: str) -> tuple[list[str], Any]:
-    """Split 'training.learning_rate=3e-4' into (['training', 'learning_rate'], value)."""
+    """Split 'training.learning_rate=3e-4' into (['training', 'learning_rate'], value).
+    The value is read as YAML (text that is not YAML stays a string)."""
     if "=" not in text:
-        raise ConfigError(f"--set {text!r}: expected SECTION.KEY=VALUE")
+        raise ConfigError(f"--set {_brief(text)}: expected SECTION.KEY=VALUE")
     key, raw = text.split("=", 1)
     parts = key.strip().split(".")
     if not all(parts):
-        raise ConfigError(f"--set {text!r}: expected SECTION.KEY=VALUE")
+        raise ConfigError(f"--set {_brief(text)}: expected SECTION.KEY=VALUE")
+    if why := utf8_problem(text):
+        raise ConfigError(f"--set {_brief(text)}: {why}")
     try:
-        value = yaml.safe_load(raw) if raw.strip() else ""
-    except yaml.YAMLError:
+        value = parse_yaml(raw) if raw.strip() else ""
+    except YAMLRefused as exc:
+        raise _yaml_error(f"--set {key}", raw, exc) from None
+    except (yaml.YAMLError, ValueError):
         value = raw
     return parts, value
 
 
-def config_from_dict(data: dict[str, Any], overrides: list[str] = ()) -> Config:
-    """Build and validate a Config from a plain dict plus `--set` overrides."""
+def _apply_override(data: dict[str, Any], text: str) -> None:
+    """Set one `--set` value in `data`, walking the Config classes: every part but
+    the last names a section, the last a key of it (a whole section cannot be
+    replaced: that would drop the file's other keys of it silently)."""
+    parts, value = parse_override(text)
+    cls, node = Config, data
+    for i, part in enumerate(parts):
+        fields = {f.name: f for f in dataclasses.fields(cls)}
+        name = ".".join(parts[: i + 1])
+        if part not in fields:
+            raise ConfigError(
+                f"--set {_brief(text)}: unknown key {_brief(name)}; valid keys: "
+                f"{', '.join(fields)}"
+            )
+        tp = typing.get_type_hints(cls)[part]
+        last = i == len(parts) - 1
+        if not dataclasses.is_dataclass(tp):
+            if not last:
+                raise ConfigError(f"--set {_brief(text)}: {name!r} is not a section")
+            node[part] = value
+            return
+        if last:
+            first = dataclasses.fields(tp)[0].name
+            raise ConfigError(
+                f"--set {_brief(text)}: {name!r} is a section; set its keys one at "
+                f"a time, e.g. {name}.{first}=..."
+            )
+        child = node.get(part, {})
+        if not isinstance(child, dict):
+            raise ConfigError(
+                f"--set {_brief(text)}: section {name!r} of the config must be a "
+                f"mapping of keys, got {_brief(child)}"
+            )
+        node[part] = node = dict(child)
+        cls = tp
+
+
+def _with_overrides(data: dict[str, Any] | None, overrides: list[str]) -> dict:
+    """A copy of `data` with the `--set` overrides applied in order (the last of two
+    for one key wins)."""
+    if data is not None and not isinstance(data, dict):
+        raise ConfigError(f"the config must be a mapping of sections, got {data!r}")
     data = dict(data or {})
     for text in overrides:
-        parts, value = parse_override(text)
-        node = data
-        for part in parts[:-1]:
-            child = node.get(part) or {}
-            if not isinstance(child, dict):
-                raise ConfigError(f"--set {text!r}: {part!r} is not a section")
-            node[part] = node = dict(child)
-        node[parts[-1]] = value
-    return validate(_build(Config, data, ""))
+        _apply_override(data, text)
+    return data
+
+
+def config_from_dict(data: dict[str, Any] | None, overrides: list[str] = ()) -> Config:
+    """Build and validate a Config from a plain dict plus `--set` overrides."""
+    return validate(_build(Config, _with_overrides(data, overrides), ""))
+
+
+def _read_config_text(path: Path) -> str:
+    """The text of a config file (UTF-8, at most MAX_FILE_BYTES), or ConfigError."""
+    if path.is_dir():
+        raise ConfigError(f"{path}: is a folder, not a config file")
+    try:
+        with open(path, "rb") as f:
+            data = f.read(MAX_FILE_BYTES + 1)
+    except FileNotFoundError:
+        raise ConfigError(f"config file not found: {path}") from None
+    except OSError as exc:
+        raise ConfigError(f"cannot read config file {path}: {exc.strerror}") from None
+    if len(data) > MAX_FILE_BYTES:
+        raise ConfigError(
+            f"{path}: larger than {MAX_FILE_BYTES} bytes: not a config file"
+        )
+    try:
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        raise ConfigError(
+            f"{path}: not UTF-8 text (byte 0x{data[exc.start]:02x} at offset "
+            f"{exc.start})"
+        ) from None
 
 
 def load_config(path: str | Path | None, overrides: list[str] = ()) -> Config:
-    """Read a YAML config file (or defaults when path is None) and apply overrides."""
+    """Read a YAML config file (or defaults when path is None) and apply overrides.
+    The file must hold a mapping of sections; an empty one is an error (it would
+    train the default model)."""
     data: dict[str, Any] = {}
     if path is not None:
         path = Path(path)
+        text = _read_config_text(path)
         try:
-            text = path.read_text(encoding="utf-8")
-        except FileNotFoundError:
-            raise ConfigError(f"config file not found: {path}") from None
-        except (OSError, UnicodeDecodeError) as exc:
-            raise ConfigError(f"cannot read config file {path}: {exc}") from None
-        try:
-            data = yaml.safe_load(text) or {}
-        except yaml.YAMLError as exc:
-            raise ConfigError(f"{path}: invalid YAML: {exc}") from None
+            data = parse_yaml(text)
+        except (yaml.YAMLError, ValueError) as exc:
+            raise _yaml_error(str(path), text, exc) from None
+        if data is None or data == {}:
+            raise ConfigError(
+                f"{path}: the config is empty; it needs at least the model and data "
+                "sections (see configs/tiny.yaml)"
+            )
         if not isinstance(data, dict):
-            raise ConfigError(f"{path}: expected a mapping of sections at top level")
+            kind = "a list" if isinstance(data, list) else f"{_brief(data)}"
+            raise ConfigError(
+                f"{path}: expected a mapping of sections (model:, data:, training: "
+                f"...) at top level, got {kind}"
+            )
         data.setdefault("run_name", path.stem)
+    data = _with_overrides(data, overrides)  # its errors name the --set
     try:
-        return config_from_dict(data, overrides)
+        return validate(_build(Config, data, ""))
     except ConfigError as exc:
         where = f"{path}: " if path is not None else ""
         raise ConfigError(f"{where}{exc}") from None
 
 
+class _Dumper(yaml.SafeDumper):
+    def ignore_aliases(self, data) -> bool:
+        return True  # a saved config must load again, and `_Loader` refuses aliases
+
+
 def dump_config(cfg: Config) -> str:
     """The resolved config as YAML (what is saved with checkpoints and logs)."""
-    return yaml.safe_dump(cfg.to_dict(), sort_keys=False)
+    return yaml.dump(cfg.to_dict(), Dumper=_Dumper, sort_keys=False)

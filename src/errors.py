@@ -5,7 +5,8 @@ status 2 (`src.cli.run`); anything else is a bug and keeps its traceback. A mess
 names what is wrong (the file, key or value) and, where there is one, the fix.
 The second base of each class is what callers caught before this module existed
 (`ValueError`, `RuntimeError`), so `except ValueError` still sees them.
-No imports: every module may import this one.
+`utf8_problem` says why text that came in (argv, stdin, a file name) is not
+valid UTF-8. No imports: every module may import this one.
 """
 
 from __future__ import annotations
@@ -46,3 +47,20 @@ class PlotError(UserError, ValueError):
 
 class DistributedError(UserError, RuntimeError):
     """Data-parallel ranks that cannot form one consistent job."""
+
+
+def utf8_problem(text: str) -> str | None:
+    """Why `text` cannot be written as UTF-8, or None when it can. Python keeps an
+    invalid byte of argv, stdin or a file name as a lone surrogate (0xff becomes
+    "\\udcff"), which every encoder, tokenizer and file write later rejects."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        code = ord(text[exc.start])
+        what = (
+            f"byte 0x{code - 0xDC00:02x}"
+            if 0xDC80 <= code <= 0xDCFF
+            else f"lone surrogate U+{code:04X}"
+        )
+        return f"not valid UTF-8 ({what} at character {exc.start})"
+    return None

@@ -4,6 +4,7 @@ One PNG with four panels: train and validation loss against tokens and against
 wall time, the learning rate, and tokens/s; several runs share the figure (one
 colour per run). Reads logs/<run>/metrics.jsonl and logs/<run>/config.yaml only;
 no MLX here, and matplotlib draws on its Agg canvas (no display, no pyplot state).
+The PNG is written whole or not at all; a failed write names it (`PlotError`).
 
 Tokens at step s = s * batch_size * grad_accum_steps * context_length. Wall time
 comes from the "time" field (time.time()) of logging and eval rows: seconds since
@@ -24,6 +25,7 @@ import numpy as np
 from . import cli
 from .config import Config, load_config
 from .errors import ConfigError, PlotError
+from .files import atomic_file, write_failure
 
 DEFAULT_PNG = "training.png"
 TIME_UNITS = (("h", 3600.0), ("min", 60.0), ("s", 1.0))  # the first >= 2 units
@@ -158,8 +160,11 @@ def plot_runs(runs: list[Run], out: str | Path) -> Path:
             ax.legend(fontsize="small")
     fig.suptitle(", ".join(r.name for r in runs))
     out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, dpi=100)
+    try:  # whole or absent; the format from the name, as savefig(path) does
+        with atomic_file(out, "wb") as f:
+            fig.savefig(f, dpi=100, format=out.suffix[1:] or None)
+    except OSError as e:
+        raise PlotError(write_failure(out, e)) from None
     return out
 
 

@@ -3,7 +3,8 @@
 Writes logs/<run>/report.md (config summary, parameter count, tokens seen, wall
 time, final and best validation loss and bits per byte, throughput, peak memory,
 the last samples) and logs/<run>/training.png (src/plot.py), embedded in it.
-Reads the run's logs only; no MLX here.
+Reads the run's logs only; no MLX here. Both files are written whole or not at
+all; a write that fails names the file (a full disk said as such).
 """
 
 from __future__ import annotations
@@ -15,6 +16,8 @@ from pathlib import Path
 
 from . import cli
 from .cli import fmt_bytes
+from .errors import PlotError
+from .files import atomic_file, write_failure
 from .plot import DEFAULT_PNG, Run, load_run, plot_runs
 
 N_SAMPLES = 3
@@ -128,15 +131,27 @@ def write_report(log_dir: str | Path, plot: bool = True) -> Path:
         plot_runs([run], run.dir / DEFAULT_PNG)
         png = DEFAULT_PNG
     path = run.dir / "report.md"
-    path.write_text(render(run, png), encoding="utf-8")
+    text = render(run, png)
+    try:
+        with atomic_file(path, "w") as f:
+            f.write(text)
+    except OSError as e:
+        raise PlotError(write_failure(path, e)) from None
     return path
 
 
 def after_training(log_dir: Path, log) -> Path | None:
     """For the trainer's end: write the plot and report.md, saying where via
-    `log.info`; any failure is only a `log.warn` (the run itself succeeded)."""
+    `log.info`; any failure is only a `log.warn` (the run itself is saved).
+    Nothing when the run's own log could not be written (`log.failure`): the
+    trainer has said so, and the logs are incomplete."""
+    if getattr(log, "failure", None):
+        return None
     try:
         path = write_report(log_dir)
+    except PlotError as e:  # says what failed in user terms (e.g. a full disk)
+        log.warn(f"no report for {log_dir}: {e}")
+        return None
     except Exception as e:  # a broken plot must never fail a finished run
         log.warn(f"no report for {log_dir}: {type(e).__name__}: {e}")
         return None

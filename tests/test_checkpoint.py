@@ -209,14 +209,17 @@ def test_retention_keeps_newest_three_plus_best(tmp_path):
     assert os.readlink(tmp_path / "best") == "step_00000011"
 
 
-def test_resaving_an_existing_step_replaces_it(tmp_path):
-    save(tmp_path, 3, seed=0)
-    path = save(tmp_path, 3, seed=7)
+def test_a_committed_step_is_never_replaced(tmp_path):
+    """Issue 15 item 3's class: a second save of a step that exists is refused;
+    the first stays, bit for bit."""
+    path = save(tmp_path, 3, seed=0)
+    with pytest.raises(CheckpointError, match="already exists"):
+        save(tmp_path, 3, seed=7)
     verify_checkpoint(path)
-    weights, _ = make_state(7)
+    weights, _ = make_state(0)
     got, opt, meta = load_checkpoint(path)
     assert bits(got["embed.weight"]) == bits(weights["embed.weight"])
-    assert meta["seed"] == 7 and opt["step"].item() == 7
+    assert meta["seed"] == 0 and opt["step"].item() == 0
     assert step_names(tmp_path) == ["step_00000003"]
     assert tmp_dirs(tmp_path) == []
 
@@ -258,7 +261,7 @@ def _meta_write_fails(monkeypatch):
         real(path, data)
 
     monkeypatch.setattr(ckpt, "write_bytes", fail_on_meta)
-    return "No space left on device"
+    return "disk full"
 
 
 @pytest.mark.parametrize("fail", [_mlx_write_fails, _meta_write_fails])

@@ -38,8 +38,8 @@ LAYERS = {
     "eval": "train inference convert",
     "convert": "train inference eval data corpus",
     "train": "convert",
-    "plot": "* -config -errors -cli",
-    "report": "* -config -errors -cli -plot",
+    "plot": "* -config -errors -cli -files",
+    "report": "* -config -errors -cli -files -plot",
 }
 UNITS = {
     "errors", "files", "cli", "config", "template", "corpus", "tokenizer", "data",

@@ -43,10 +43,11 @@ def locate(path: str | Path, verify: bool = True) -> Path:
     p = Path(path)
     if not p.is_dir():
         raise CheckpointError(f"{p}: no such checkpoint folder")
-    if not (p / "meta.json").exists() and (
-        (p / "latest").exists() or store.list_checkpoints(p)
-    ):
-        raise CheckpointError(f"{p} is a run folder: pass {p}/best or {p}/latest")
+    if not (p / "meta.json").exists():
+        if (p / "latest").exists():
+            raise CheckpointError(f"{p} is a run folder: pass {p}/best or {p}/latest")
+        if found := store.list_checkpoints(p):  # e.g. the rewound-* of a rewind
+            raise CheckpointError(f"{p} holds checkpoints: pass one, e.g. {found[-1]}")
     p = p.resolve()
     if verify:
         store.verify_checkpoint(p)

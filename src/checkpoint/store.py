@@ -8,10 +8,13 @@ and a `COMMIT` marker written last: a folder without it is not a checkpoint.
 Writing goes to `<run_dir>/.tmp-step_<N>-<pid>/` (every file fsynced), which is then
 renamed into place, so a crash at any moment leaves the previous checkpoint intact
 and at worst a `.tmp-*` folder that the next save deletes. `mx.save_safetensors`
-truncates in place, which is why nothing is ever written under a final name.
-`latest` and `best` are relative symlinks swapped with `os.replace`; `best.json`
-holds the best metric. Verification re-hashes every file (cost: one read of the
-checkpoint), which catches a flipped byte that safetensors would load silently.
+truncates in place, which is why nothing is ever written under a final name, and
+a checkpoint folder, once there, is never replaced. `latest` and `best` are
+relative symlinks swapped with `os.replace`; `best.json` holds the best metric.
+A rewind (`set_aside`) moves the checkpoints past a step into `rewound-<time>/`
+and makes the links true again (`relink`). Verification re-hashes every file
+(cost: one read of the checkpoint), which catches a flipped byte that
+safetensors would load silently.
 """
 
 from __future__ import annotations
@@ -23,17 +26,28 @@ import math
 import os
 import re
 import shutil
+import time
+from collections.abc import Callable
 from pathlib import Path
 
 import mlx.core as mx
 
 from ..errors import CheckpointError
-from ..files import fsync_path, write_bytes
+from ..files import fsync_path, write_bytes, write_failure
 
 FORMAT = 1
 COMMIT = "COMMIT"
 MANIFEST = "manifest.json"
+ASIDE = "rewound-"  # folders of checkpoints a rewind moved out of the way
+# The files of a checkpoint folder, beside the tokenizer copy in `tokenizer/`.
+FILES = ("model.safetensors", "optimizer.safetensors", "meta.json", MANIFEST, COMMIT)
 _STEP_RE = re.compile(r"^step_(\d+)$")
+# Everything else the store writes in a run folder: the links, the best metric,
+# and its temp names (`.tmp-<what>-<pid>`; `replaced-` from older versions).
+_OWN_RE = re.compile(
+    r"^(latest|best|best\.json"
+    r"|\.tmp-(step_\d+|link-\w+|best|(purge|replaced)-step_\d+)-\d+)$"
+)
 _CHUNK = 1 << 20
 
 
@@ -70,7 +84,8 @@ def _remove(path: Path) -> None:
         shutil.rmtree(path, ignore_errors=True)
 
 
-def _step_of(path: Path) -> int | None:
+def step_of(path: Path) -> int | None:
+    """The step a `step_<N>` folder name says; None for any other name."""
     m = _STEP_RE.match(path.name)
     return int(m.group(1)) if m else None
 
@@ -82,6 +97,21 @@ def _point_link(run_dir: Path, name: str, target: str) -> None:
         tmp.unlink()
     os.symlink(target, tmp)
     os.replace(tmp, run_dir / name)
+
+
+def _set_best(run_dir: Path, name: str, metric: float) -> None:
+    """`best.json` and the `best` link name checkpoint `name` with `metric`."""
+    record = json.dumps({"step": step_of(Path(name)), "metric": metric}).encode()
+    tmp = run_dir / f".tmp-best-{os.getpid()}"
+    write_bytes(tmp, record)
+    os.replace(tmp, run_dir / "best.json")
+    _point_link(run_dir, "best", name)
+
+
+def _drop_best(run_dir: Path) -> None:
+    """No best checkpoint: a `best` link or `best.json` left over would lie."""
+    (run_dir / "best").unlink(missing_ok=True)
+    (run_dir / "best.json").unlink(missing_ok=True)
 
 
 # --- saving ----------------------------------------------------------------------
@@ -125,22 +155,30 @@ def _write_checkpoint_dir(tmp, step, weights, optimizer, meta, tokenizer_dir) ->
     fsync_path(tmp)
 
 
+def _refuse_existing(final: Path) -> None:
+    """A saved checkpoint is never replaced (nor anything else by its name)."""
+    if os.path.lexists(final):
+        raise CheckpointError(
+            f"checkpoint {final} already exists, and a saved checkpoint is never "
+            f"replaced: resume from it, or move it out of {final.parent} first"
+        )
+
+
 def _install(tmp: Path, final: Path) -> None:
-    """Rename `tmp` to `final`; an existing `final` (same step re-saved) is replaced."""
-    if not final.exists():
-        os.rename(tmp, final)
-        return
-    # A directory cannot be atomically replaced: move the old one aside under a
-    # `.tmp-` name (cleaned up if we die here), put the new one in, drop the old.
-    aside = final.parent / f".tmp-replaced-{final.name}-{os.getpid()}"
-    os.rename(final, aside)
+    """Rename the complete `tmp` to `final`, which must not exist (checked again
+    here: renaming onto an empty folder would silently replace it)."""
+    _refuse_existing(final)
+    os.rename(tmp, final)
+
+
+def _failure(exc: OSError, tmp: Path, final: Path) -> str:
+    """`write_failure` for the file that failed, named where it was going to be
+    (the temp folder is deleted), a full disk said as such."""
     try:
-        os.rename(tmp, final)
-    except OSError:
-        os.rename(aside, final)
-        raise
-    fsync_path(final.parent)
-    shutil.rmtree(aside, ignore_errors=True)
+        where = final / Path(exc.filename).relative_to(tmp)
+    except (TypeError, ValueError):  # no file name, or not one of ours
+        where = final
+    return write_failure(where, exc)
 
 
 def _read_best(run_dir: Path) -> tuple[str, float] | None:
@@ -190,18 +228,21 @@ def save_checkpoint(
 ) -> Path:
     """Write `<run_dir>/step_<step:08d>/` atomically and return its path.
 
-    Refuses (CheckpointError, nothing written) if any floating array is NaN/inf.
+    Refuses (CheckpointError, nothing written) if `<run_dir>/step_<step>` already
+    exists (a saved checkpoint is never replaced) or any floating array is NaN/inf.
     After the commit: `latest` points to it; `best` too if `metric` is finite and
     lower than the best so far (kept in `run_dir/best.json`). Then retention keeps
     the newest `keep_last` committed checkpoints plus `best` and this one
     (`keep_last <= 0` keeps all), and leftover `.tmp-*` dirs of dead writers are
-    deleted. Any OS error removes the temp dir and raises CheckpointError.
+    deleted. Any OS error removes the temp dir and raises CheckpointError naming
+    the file (a full disk as such); the checkpoints saved before are untouched.
     """
     run_dir = Path(run_dir)
-    _check_finite("weights", weights, step)
-    _check_finite("optimizer state", optimizer, step)
     name = f"step_{step:08d}"
     final = run_dir / name
+    _refuse_existing(final)
+    _check_finite("weights", weights, step)
+    _check_finite("optimizer state", optimizer, step)
     tmp = run_dir / f".tmp-{name}-{os.getpid()}"
     try:
         run_dir.mkdir(parents=True, exist_ok=True)
@@ -209,33 +250,141 @@ def save_checkpoint(
             shutil.rmtree(tmp)
         _write_checkpoint_dir(tmp, step, weights, optimizer, meta, tokenizer_dir)
         _install(tmp, final)
-        fsync_path(run_dir)
     except OSError as e:
+        message = _failure(e, tmp, final)  # before the temp dir frees the space
         shutil.rmtree(tmp, ignore_errors=True)
-        raise CheckpointError(f"could not save checkpoint {final}: {e}") from e
+        before = list_checkpoints(run_dir)
+        kept = f"; the last checkpoint, {before[-1]}, is intact" if before else ""
+        raise CheckpointError(f"{message}; step {step} was not saved{kept}") from e
     except BaseException:  # e.g. Ctrl-C or unserializable meta: leave nothing behind
         shutil.rmtree(tmp, ignore_errors=True)
         raise
 
     try:
+        fsync_path(run_dir)
         _point_link(run_dir, "latest", name)
         best = _read_best(run_dir)
         if metric is not None and math.isfinite(metric):
             if best is None or metric < best[1]:
-                record = json.dumps({"step": step, "metric": metric}).encode()
-                write_bytes(run_dir / f".tmp-best-{os.getpid()}", record)
-                os.replace(run_dir / f".tmp-best-{os.getpid()}", run_dir / "best.json")
-                _point_link(run_dir, "best", name)
+                _set_best(run_dir, name, metric)
                 best = (name, metric)
+        if best is None:
+            _drop_best(run_dir)
         fsync_path(run_dir)
         _retain(run_dir, keep_last, {name} | ({best[0]} if best else set()))
         _cleanup_tmp(run_dir)
         fsync_path(run_dir)
     except OSError as e:
         raise CheckpointError(
-            f"checkpoint {final} was saved, but updating {run_dir} failed: {e}"
+            f"checkpoint {final} was saved, but updating {run_dir} failed: "
+            f"{write_failure(e.filename or run_dir, e)}"
         ) from e
     return final
+
+
+# --- rewinding, and what a run folder holds --------------------------------------
+
+
+def relink(run_dir, metric_key: str = "val_loss") -> None:
+    """Make `latest`, `best` and `best.json` true to the committed checkpoints of
+    `run_dir` (after some were moved away): `latest` the newest, `best` the one
+    whose meta has the lowest finite `metric_key` (the earliest on ties, as
+    `save_checkpoint` keeps it); links to nothing are removed."""
+    run_dir = Path(run_dir)
+    committed = list_checkpoints(run_dir)
+    if committed:
+        _point_link(run_dir, "latest", committed[-1].name)
+    else:
+        (run_dir / "latest").unlink(missing_ok=True)
+    best = None
+    for p in committed:
+        try:
+            metric = read_meta(p).get(metric_key)
+        except CheckpointError:
+            continue
+        if isinstance(metric, int | float) and math.isfinite(metric):
+            if best is None or metric < best[1]:
+                best = (p.name, float(metric))
+    if best is None:
+        _drop_best(run_dir)
+    else:
+        _set_best(run_dir, *best)
+    fsync_path(run_dir)
+
+
+def step_folders(run_dir) -> list[Path]:
+    """Every `step_*` entry of `run_dir`, committed or not, ascending by step."""
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        return []
+    return sorted((p for p in run_dir.iterdir() if step_of(p) is not None), key=step_of)
+
+
+def set_aside(run_dir, after: int) -> tuple[Path, list[str]] | None:
+    """Move every step folder of `run_dir` past step `after` (committed or not)
+    into a new `run_dir/rewound-<time>/`, newest first, then `relink`: nothing is
+    deleted, and a later save of those steps collides with nothing. Returns that
+    folder and the names moved, or None when there were none."""
+    run_dir = Path(run_dir)
+    newer = [p for p in step_folders(run_dir) if step_of(p) > after][::-1]
+    if not newer:
+        return None
+    base = run_dir / f"{ASIDE}{time.strftime('%Y%m%d-%H%M%S')}"
+    aside, n = base, 1
+    while True:  # two rewinds in one second: -2, -3, ...
+        try:
+            aside.mkdir()
+            break
+        except FileExistsError:
+            n += 1
+            aside = base.with_name(f"{base.name}-{n}")
+    for p in newer:
+        os.rename(p, aside / p.name)
+    fsync_path(aside)
+    fsync_path(run_dir)
+    relink(run_dir)
+    return aside, [p.name for p in newer[::-1]]
+
+
+def _checkpoint_strays(path: Path) -> list[Path]:
+    """What in a step folder a save did not write: beside `FILES`, only the
+    tokenizer copy (the files its manifest lists; any plain file without one)."""
+    if path.is_symlink() or not path.is_dir():
+        return []
+    try:
+        listed = set(json.loads((path / MANIFEST).read_text())["files"])
+    except (OSError, ValueError, KeyError, TypeError):
+        listed = None
+    strays = []
+    for p in path.iterdir():
+        if p.name in FILES or (listed and p.name in listed):
+            continue
+        if p.name != "tokenizer" or p.is_symlink() or not p.is_dir():
+            strays.append(p)
+            continue
+        for f in p.iterdir():
+            rel = f"tokenizer/{f.name}"
+            if listed is not None and rel not in listed:
+                strays.append(f)
+            elif listed is None and (f.is_symlink() or not f.is_file()):
+                strays.append(f)
+    return strays
+
+
+def strays(run_dir, others: Callable[[Path], bool] = lambda p: False) -> list[Path]:
+    """What in `run_dir` the store did not write and `others` does not accept:
+    a caller about to delete a run's files must find none. Checkpoint folders
+    and the `rewound-*` folders of rewinds are looked into."""
+    out = []
+    for p in sorted(Path(run_dir).iterdir()):
+        if step_of(p) is not None:
+            out += _checkpoint_strays(p)
+        elif p.name.startswith(ASIDE) and p.is_dir() and not p.is_symlink():
+            for q in sorted(p.iterdir()):
+                out += _checkpoint_strays(q) if step_of(q) is not None else [q]
+        elif not _OWN_RE.match(p.name) and not others(p):
+            out.append(p)
+    return out
 
 
 # --- finding, verifying, loading -------------------------------------------------
@@ -246,9 +395,9 @@ def list_checkpoints(run_dir) -> list[Path]:
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
         return []
-    found = [p for p in run_dir.iterdir() if _step_of(p) is not None]
+    found = [p for p in run_dir.iterdir() if step_of(p) is not None]
     found = [p for p in found if not p.is_symlink() and (p / COMMIT).is_file()]
-    return sorted(found, key=_step_of)
+    return sorted(found, key=step_of)
 
 
 def verify_checkpoint(path) -> None:
@@ -292,9 +441,9 @@ def find_latest_valid(run_dir, warn=print) -> Path | None:
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
         return None
-    candidates = [p for p in run_dir.iterdir() if _step_of(p) is not None]
+    candidates = [p for p in run_dir.iterdir() if step_of(p) is not None]
     failures = []
-    for p in sorted(candidates, key=_step_of, reverse=True):
+    for p in sorted(candidates, key=step_of, reverse=True):
         try:
             verify_checkpoint(p)
         except CheckpointError as e:

@@ -7,6 +7,11 @@ Face folders back.
 
 `--to hf` and `--from hf` need transformers (an mlx-lm dependency); only
 `--to torch` imports torch, lazily (`torch_export`).
+
+Every --out is new: an existing .pt file, a non-empty folder, or a run folder
+that holds anything is refused before anything is converted (nothing is ever
+written over), and each output is built under a temporary name and renamed into
+place, so a failure or Ctrl-C leaves nothing behind.
 """
 
 from __future__ import annotations
@@ -16,7 +21,8 @@ import argparse
 from .. import cli
 from ..backend.policy import DTYPES
 from ..errors import UsageError, UserError
-from .hf import from_hf, to_hf
+from .hf import to_hf
+from .hf_import import from_hf
 from .torch_export import to_torch
 
 
@@ -42,8 +48,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--out",
         required=True,
         metavar="PATH",
-        help="torch: a .pt file; hf: a new folder; --from: a run folder that gets "
-        "step_<N>/ and a `latest` link",
+        help="always new, never written over: torch: a .pt file; hf: a folder; "
+        "--from: a run folder that gets step_<N>/ and a `latest` link (absent "
+        "or empty)",
     )
     p.add_argument(
         "--dtype",

@@ -1,7 +1,12 @@
 """Export a checkpoint for PyTorch: `python -m src.convert --checkpoint DIR --to
 torch --out model.pt` writes {"state_dict", "config", "meta"}, which
 `src.convert.torch_model.load` loads strictly into the reference model. Imports
-torch (lazily: only this export needs it)."""
+torch (lazily: only this export needs it).
+
+The file is new: an existing --out is refused before anything is converted, and
+it is written under a temporary name and renamed into place, so a failure (or
+Ctrl-C) leaves nothing behind.
+"""
 
 from __future__ import annotations
 
@@ -10,12 +15,19 @@ from pathlib import Path
 
 from ..checkpoint.contents import open_checkpoint
 from ..errors import ConvertError
-from ..files import check_writable
+from ..files import atomic_file, check_writable, write_failure
 from .hf import HF_DTYPE_NAMES
 
 
 def to_torch(path, out, dtype: str = "fp32") -> Path:
-    """Write {"state_dict", "config", "meta"} for `torch_model.Model` (strict load)."""
+    """Write {"state_dict", "config", "meta"} for `torch_model.Model` (strict load)
+    to the new file `out`; ConvertError if it exists or cannot be written."""
+    out = Path(out)
+    if os.path.lexists(out):
+        raise ConvertError(
+            f"{out} already exists; an export never replaces a file: choose another "
+            "--out (or move that one away)"
+        )
     import numpy as np
     import torch
 
@@ -31,13 +43,10 @@ def to_torch(path, out, dtype: str = "fp32") -> Path:
         "config": cfg.model.__dict__.copy(),
         "meta": {"step": meta.get("step"), "dtype": dtype},
     }
-    out = Path(out)
     check_writable(out.parent)
-    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
     try:
-        torch.save(payload, tmp)  # reports I/O failures as RuntimeError
-    except RuntimeError as e:
-        tmp.unlink(missing_ok=True)
-        raise ConvertError(f"cannot write {out}: {e}") from None
-    os.replace(tmp, out)
+        with atomic_file(out) as f:
+            torch.save(payload, f)  # reports I/O failures as RuntimeError
+    except (OSError, RuntimeError) as e:
+        raise ConvertError(write_failure(out, e)) from None
     return out

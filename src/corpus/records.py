@@ -4,12 +4,15 @@ offline), and the text of one field of each row. No MLX or torch here.
 
 `datasets` is imported only when rows are read: it is slow to import, and the
 plain-text path never needs it. Its errors become `DataError`s naming the file or
-dataset, and a row without the field, or with a non-text one, names its row.
+dataset. A row without text in the field (no such field, null, or not a string) is
+skipped and counted by reason; a file or dataset none of whose rows has text is
+a `DataError` naming it, the field and the fields its rows do have.
 """
 
 from __future__ import annotations
 
 import logging
+from collections import Counter
 from collections.abc import Callable, Iterable, Iterator
 
 from ..errors import DataError
@@ -46,34 +49,82 @@ def stream(where: str, load: Callable[[], Iterable[dict]]) -> Iterator[dict]:
         log.setLevel(level)
 
 
+# Why a row gives no text: its rows have no such field; this row has no value
+# there (null, or the key absent from this row while other rows have it:
+# `datasets` reads both as None); the value is not a string.
+SKIP_REASONS = ("no_field", "null", "not_text")
+
+
+def skipped_summary(counts: dict, text_field: str) -> str | None:
+    """The line that reports record rows skipped for having no text (and, where
+    counted, blank texts), or None when none was."""
+    got = ", ".join(
+        f"{counts[why]} {why}" for why in (*SKIP_REASONS, "empty") if counts.get(why)
+    )
+    return f"rows skipped (no text in field {text_field!r}): {got}" if got else None
+
+
 def iter_records(
-    rows: Iterable[dict], where: str, text_field: str, chat: bool = False
+    rows: Iterable[dict],
+    where: str,
+    text_field: str,
+    chat: bool = False,
+    skipped: Counter | None = None,
 ) -> Iterator[tuple[str, int]]:
-    """(stripped text, 0) of each row's `text_field`; DataError naming `where`
-    when the field is missing or not a string. With `chat`, the field holds a
-    conversation (a list of {"role", "content"} messages), rendered as one text
-    in the chat template (`src.template.CHAT`)."""
+    """(stripped text, 0) of each row's `text_field`. A row without text there
+    (no such field, no value, or a value that is not text) is skipped and
+    counted in `skipped` by reason (SKIP_REASONS); rows none of which has text
+    are a DataError naming `where`, the field and the fields the rows have. With
+    `chat`, the field holds a conversation (a list of {"role", "content"}
+    messages), rendered as one text in the chat template (`src.template.CHAT`);
+    a malformed one is a DataError naming its row."""
+    counts: Counter = Counter()
+    first = None  # (row number, reason, row) of the first row skipped
+    used = 0
     for i, row in enumerate(rows):
+        text = row.get(text_field)
         if text_field not in row:
-            raise DataError(
-                f"{where}: row {i} has no field {text_field!r} (fields: "
-                f"{', '.join(sorted(row))}); choose one with --text-field"
-            )
-        text = row[text_field]
-        if text is None:
-            continue
-        if chat:
-            try:
-                text = render_conversation(text, CHAT)
-            except ValueError as e:
-                raise DataError(f"{where}: row {i} field {text_field!r}: {e}") from None
-        if not isinstance(text, str):
-            hint = " (a conversation? use --chat)" if isinstance(text, list) else ""
-            raise DataError(
-                f"{where}: row {i} field {text_field!r} is a {type(text).__name__},"
-                f" not text{hint}"
-            )
-        yield text.strip(), 0
+            reason = "no_field"
+        elif text is None:
+            reason = "null"
+        else:
+            if chat:
+                try:
+                    text = render_conversation(text, CHAT)
+                except ValueError as e:
+                    raise DataError(
+                        f"{where}: row {i} field {text_field!r}: {e}"
+                    ) from None
+            if isinstance(text, str):
+                used += 1
+                yield text.strip(), 0
+                continue
+            reason = "not_text"
+        counts[reason] += 1
+        if skipped is not None:
+            skipped[reason] += 1
+        if first is None:
+            first = (i, reason, row)
+    if counts and not used:
+        raise DataError(_no_text(where, text_field, counts, *first))
+
+
+def _no_text(where: str, field: str, counts: Counter, i: int, reason: str, row):
+    """The message for rows none of which has text in `field`."""
+    fields = ", ".join(sorted(k for k, v in row.items() if v is not None)) or "none"
+    if reason == "no_field":
+        example = f"row {i} has no field {field!r} (fields: {fields})"
+    elif reason == "null":
+        example = f"row {i} field {field!r} is null (fields with values: {fields})"
+    else:
+        value = row[field]
+        hint = " (a conversation? use --chat)" if isinstance(value, list) else ""
+        example = f"row {i} field {field!r} is a {type(value).__name__}, not text{hint}"
+    got = ", ".join(f"{counts[r]} {r}" for r in SKIP_REASONS if counts[r])
+    return (
+        f"{where}: no row has text in field {field!r} ({got}): {example}; "
+        "choose the field with --text-field"
+    )
 
 
 def batched(texts: Iterable[str], n: int, max_chars: int = 1 << 22) -> Iterator[list]:

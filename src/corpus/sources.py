@@ -20,12 +20,13 @@ import argparse
 import glob
 import itertools
 from abc import ABC, abstractmethod
+from collections import Counter
 from collections.abc import Iterable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import ClassVar
 
-from ..errors import DataError
+from ..errors import DataError, utf8_problem
 from .records import batched, datasets_module, iter_records, stream
 from .text import DOC_DELIMITER, TextRange, iter_documents, iter_lines, text_ranges
 
@@ -45,11 +46,28 @@ Task = TextRange | list[str]
 class ReadOptions:
     """How sources are read: `delimiter` ends documents in .txt files (see
     `src.corpus.text.iter_documents`); `text_field` is the field of record rows
-    holding the text, a conversation rendered in the chat template with `chat`."""
+    holding the text, a conversation rendered in the chat template with `chat`.
+    `skipped` counts, as they are read, the record rows skipped for having no
+    text in that field, by reason (`src.corpus.records.SKIP_REASONS`): for the
+    caller to report."""
 
     delimiter: str = DOC_DELIMITER
     text_field: str = DEFAULT_TEXT_FIELD
     chat: bool = False
+    skipped: Counter = field(default_factory=Counter, compare=False, repr=False)
+
+    def __post_init__(self) -> None:
+        # Checked at the door: a delimiter that no line can equal, or a field name
+        # no row can have, would read every file as one document, or nothing.
+        d = self.delimiter
+        for flag, value in (("--delimiter", d), ("--text-field", self.text_field)):
+            if problem := utf8_problem(value):
+                raise DataError(f"{flag}: {problem}")
+        if not d.strip() or "\n" in d or "\r" in d:
+            raise DataError(
+                f"--delimiter {d!r}: must be the text of one line ('blank': blank "
+                "lines separate documents; 'none': one document per file)"
+            )
 
 
 class Source(ABC):
@@ -140,7 +158,9 @@ class _Rows(Source):
     def documents(self, opts: ReadOptions) -> Iterator[tuple[str, int]]:
         ds = datasets_module()
         rows = stream(str(self), lambda: self._load(ds))
-        yield from iter_records(rows, str(self), opts.text_field, opts.chat)
+        yield from iter_records(
+            rows, str(self), opts.text_field, opts.chat, opts.skipped
+        )
 
     def lines(
         self, opts: ReadOptions, max_docs: int | None = None

@@ -1,4 +1,4 @@
 """Token files: documents read from a corpus are filtered, deduplicated, split
 and encoded (`documents`, `prepare`, on worker processes: `workers`) into the
-memory-mapped files the trainer reads (`tokens`); `python -m src.data` (`cli`).
+token files the trainer reads (`tokens`); `python -m src.data` (`cli`).
 No MLX or torch here."""

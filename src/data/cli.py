@@ -14,11 +14,14 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 import time
+from collections import Counter
 from collections.abc import Sequence
 from pathlib import Path
 
 from .. import cli
+from ..corpus.records import skipped_summary
 from ..corpus.sources import (
     DEFAULT_TEXT_FIELD,
     add_source_args,
@@ -29,6 +32,7 @@ from ..corpus.text import DOC_DELIMITER
 from ..errors import DataError
 from .documents import DEFAULT_MAX_REPETITION, DEFAULT_MIN_WORDS, QualityFilter
 from .download import download_tinystories
+from .interrupts import Interrupted, held, unwinding
 from .prepare import prepare_dataset, split_token_file, token_stats
 
 _fraction = cli.number_in(0.0, 1.0, lo_open=True, hi_open=True)
@@ -203,16 +207,19 @@ def _prepare(args) -> None:
         chat=args.chat,
     )
     secs = time.perf_counter() - start
-    for s, info in meta["splits"].items():
-        out = Path(args.output) / info["file"]
-        print(f"{s}: {info['docs']} docs, {info['n_tokens']} tokens -> {out}")
-    print("dropped: " + ", ".join(f"{n} {k}" for k, n in meta["dropped"].items()))
-    print(f"duplicates dropped: {meta['duplicates_dropped']}")
-    n = sum(info["n_tokens"] for info in meta["splits"].values())
-    print(
-        f"encoded {n:,} tokens in {secs:.2f} s ({n / secs:,.0f} tokens/s, "
-        f"--workers {meta['workers']})"
-    )
+    with held():  # committed: a signal now only ends the command
+        for s, info in meta["splits"].items():
+            out = Path(args.output) / info["file"]
+            print(f"{s}: {info['docs']} docs, {info['n_tokens']} tokens -> {out}")
+        print("dropped: " + ", ".join(f"{n} {k}" for k, n in meta["dropped"].items()))
+        print(f"duplicates dropped: {meta['duplicates_dropped']}")
+        if skipped := skipped_summary(meta["skipped_rows"], text_field):
+            print(skipped)
+        n = sum(info["n_tokens"] for info in meta["splits"].values())
+        print(
+            f"encoded {n:,} tokens in {secs:.2f} s ({n / secs:,.0f} tokens/s, "
+            f"--workers {meta['workers']})"
+        )
 
 
 def _stats(args) -> None:
@@ -229,7 +236,26 @@ def main(argv: Sequence[str] | None = None) -> int:
     return cli.command(build_parser(), argv, run)
 
 
-def run(args: argparse.Namespace) -> None:
+def run(args: argparse.Namespace) -> int:
+    """Run a command; SIGINT and SIGTERM unwind it (temp files deleted, workers
+    stopped) and end it with 128 + the signal's number."""
+    try:
+        with unwinding():
+            _run(args)
+    except Interrupted as stop:
+        output = getattr(args, "output", None)
+        if output is None:
+            where = ""
+        elif stop.committed:
+            where = f" after {output} was written"
+        else:
+            where = f"; {output} is as it was"
+        print(f"interrupted by {stop.name}{where}", file=sys.stderr)
+        return 128 + stop.signum
+    return 0
+
+
+def _run(args: argparse.Namespace) -> None:
     if args.command == "prepare":
         _prepare(args)
     elif args.command == "split":
@@ -240,15 +266,25 @@ def run(args: argparse.Namespace) -> None:
             args.val_tokens,
             None if args.exact else args.eos_id,
         )
-        for s, info in meta["splits"].items():
-            out = Path(args.output) / info["file"]
-            print(f"{s}: {info['n_tokens']} tokens -> {out}")
+        with held():  # committed: a signal now only ends the command
+            for s, info in meta["splits"].items():
+                out = Path(args.output) / info["file"]
+                print(f"{s}: {info['n_tokens']} tokens -> {out}")
     elif args.command == "stats":
         _stats(args)
     elif args.command == "locate":
         print("\n".join(str(p) for p in find_corpus(args.data)))
     else:
+        skipped: Counter = Counter()
         n = download_tinystories(
-            args.output, args.dataset, args.split, args.max_docs, args.text_field
+            args.output,
+            args.dataset,
+            args.split,
+            args.max_docs,
+            args.text_field,
+            skipped,
         )
-        print(f"wrote {n} documents to {args.output}")
+        with held():  # committed: a signal now only ends the command
+            print(f"wrote {n} documents to {args.output}")
+            if line := skipped_summary(skipped, args.text_field):
+                print(line)

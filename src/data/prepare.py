@@ -12,13 +12,22 @@ Reading, filtering, hashing and encoding run in worker processes
 and the parent only picks the new documents and writes them, with numpy
 operations per batch rather than Python per document. Memory is bounded by a few
 batches in flight plus 8 bytes per unique document for the duplicate check.
+Record rows without text in the text field are skipped and counted by reason
+(`skipped_rows`; `src.corpus.records`).
+
+The output is committed whole or not at all (`_NewFiles`): train.bin, val.bin
+and meta.json are written under temp names beside the old dataset and renamed
+over it at the end, meta.json last, so an error, Ctrl-C or SIGTERM leaves the old
+dataset as it was and no temp file behind.
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import os
+import re
 import time
 from collections.abc import Iterable
 from dataclasses import asdict
@@ -27,6 +36,7 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
+from ..corpus.records import SKIP_REASONS
 from ..corpus.sources import (
     DEFAULT_TEXT_FIELD,
     ReadOptions,
@@ -35,10 +45,18 @@ from ..corpus.sources import (
 )
 from ..corpus.text import DOC_DELIMITER
 from ..errors import DataError
-from ..files import atomic_file
+from ..files import atomic_file, fsync_path, write_failure
 from ..tokenizer.spm import CHAT_MARKERS, Tokenizer
 from .documents import REASONS, Encoded, Job, QualityFilter, SeenHashes, is_val
-from .tokens import DATASET_META, VERSION, TokenWriter, open_tokens, read_header
+from .interrupts import held
+from .tokens import (
+    DATASET_META,
+    VERSION,
+    TokenFileHeader,
+    TokenWriter,
+    open_tokens,
+    read_header,
+)
 from .workers import RANGE_BYTES, BatchRunner
 
 SPLITS = ("train", "val")
@@ -67,6 +85,57 @@ def _check_chat(sources: list[Source], tok: Tokenizer) -> None:
             f"{tok.dir}: the tokenizer has no single token for {missing[0]} (train "
             "it with python -m src.tokenizer, which reserves the chat markers)"
         )
+
+
+class _NewFiles:
+    """The new files of a dataset folder, written under temp names beside the old
+    ones (`open`: `atomic_file`s) and renamed over them together when the block
+    ends without an error, in reverse order of opening, with SIGINT and SIGTERM
+    held. Open meta.json first: it is renamed last, so a reader never finds the
+    new meta.json beside old token files, and one that finds new token files
+    beside the old meta.json (a crash between the renames) is refused by the
+    sidecar's token counts. An error or an interrupt deletes every temp file (and
+    the folder, if this made it and it is empty): the old dataset stays whole."""
+
+    def __init__(self, folder: Path):
+        self.folder = folder
+        self._files = contextlib.ExitStack()
+        self._made = not folder.exists()
+
+    def open(self, name: str, mode: str = "wb"):
+        return self._files.enter_context(atomic_file(self.folder / name, mode))
+
+    def __enter__(self) -> _NewFiles:
+        self.folder.mkdir(parents=True, exist_ok=True)
+        return self
+
+    def __exit__(self, kind, exc, tb) -> None:
+        failed = exc
+        try:
+            if exc is None:
+                with held():  # an interrupt comes before the renames or after them
+                    self._files.close()
+                    fsync_path(self.folder)  # the renames survive a crash
+            else:
+                self._files.__exit__(kind, exc, tb)  # deletes the temp files
+        except OSError as e:  # the commit failed, or closing a temp file (disk
+            failed = e  # full); atomic_file deleted the temp files either way
+        if failed is None:
+            return
+        if self._made:
+            with contextlib.suppress(OSError):
+                self.folder.rmdir()  # only when empty
+        if isinstance(failed, OSError) and (failed is not exc or self._wrote(failed)):
+            raise DataError(write_failure(self.folder, failed)) from failed
+        if failed is not exc:
+            raise failed
+
+    def _wrote(self, exc: OSError) -> bool:
+        """Whether an error in the block came from writing the new files (a full
+        disk, a file in this folder) rather than from reading an input."""
+        if exc.filename is None:
+            return exc.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
+        return Path(exc.filename).parent == self.folder
 
 
 def _taken(new, lengths, kept: int, written: int, max_docs, max_tokens) -> int:
@@ -135,77 +204,82 @@ def prepare_dataset(
     """
     quality = quality or QualityFilter()
     _check_options(val_fraction, max_docs, max_tokens, quality)
+    read = ReadOptions(delimiter, text_field, chat)
     tok = Tokenizer.load(tokenizer)
     sources = open_sources(source)
     if chat:
         _check_chat(sources, tok)
     workers = workers or os.cpu_count() or 1
-    out = Path(output)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / DATASET_META).unlink(missing_ok=True)  # never a stale meta beside new bins
     seen = SeenHashes()
     docs = dict.fromkeys(SPLITS, 0)
     dropped = dict.fromkeys(DROP_REASONS, 0)
     written, start = 0, time.perf_counter()
     job = Job(str(tok.dir / "tokenizer.model"), quality, bos)
-    read = ReadOptions(delimiter, text_field, chat)
     tasks = (t for src in sources for t in src.tasks(read, batch_docs, range_bytes))
-    with contextlib.ExitStack() as stack:
-        runner = stack.enter_context(BatchRunner(job, workers))
-        files = {s: stack.enter_context(atomic_file(out / f"{s}.bin")) for s in SPLITS}
-        writers = {s: TokenWriter(f, tok.vocab_size) for s, f in files.items()}
-        bar = stack.enter_context(tqdm(unit=" docs", desc="prepare"))
-        results = stack.enter_context(contextlib.closing(runner.map(tasks)))
-        for enc in results:
-            new = seen.add(enc.keys, enc.reasons == 0)
-            kept = sum(docs.values())
-            n = _taken(new, enc.lengths, kept, written, max_docs, max_tokens)
-            _count(enc, new, n, dropped)
-            for s, (n_docs, tokens) in _route(enc, new, n, val_fraction).items():
-                docs[s] += n_docs
-                if tokens.size:
-                    writers[s].write(tokens)
-                    written += tokens.size
-            bar.update(n)
-            rate = written / max(time.perf_counter() - start, 1e-9)
-            bar.set_postfix_str(f"{written:,} tokens, {rate:,.0f} tokens/s", False)
-            if n < len(new):  # a limit is reached
-                break
+    with BatchRunner(job, workers) as runner, _NewFiles(Path(output)) as new:
+        meta_file = new.open(DATASET_META, "w")  # opened first: committed last
+        writers = {
+            s: TokenWriter(new.open(f"{s}.bin"), tok.vocab_size, tok.sha256)
+            for s in SPLITS
+        }
+        bar = tqdm(unit=" docs", desc="prepare")
+        results = runner.map(tasks)
+        with bar, contextlib.closing(results):
+            for enc in results:
+                fresh = seen.add(enc.keys, enc.reasons == 0)
+                kept = sum(docs.values())
+                n = _taken(fresh, enc.lengths, kept, written, max_docs, max_tokens)
+                _count(enc, fresh, n, dropped)
+                for s, (n_docs, tokens) in _route(enc, fresh, n, val_fraction).items():
+                    docs[s] += n_docs
+                    if tokens.size:
+                        writers[s].write(tokens)
+                        written += tokens.size
+                bar.update(n)
+                rate = written / max(time.perf_counter() - start, 1e-9)
+                bar.set_postfix_str(f"{written:,} tokens, {rate:,.0f} tokens/s", False)
+                if n < len(fresh):  # a limit is reached
+                    break
+        skipped = {r: read.skipped[r] for r in SKIP_REASONS}
         for s, name in (("train", "training"), ("val", "validation")):
             if docs[s] == 0:
+                rows = f", rows without text {skipped}" if any(skipped.values()) else ""
                 raise DataError(
                     f"the {name} split is empty ({sum(docs.values())} documents "
-                    f"kept, dropped {dropped}, val fraction {val_fraction}): use "
-                    "more text, or check --delimiter, --text-field and the filters"
+                    f"kept, dropped {dropped}{rows}, val fraction {val_fraction}): "
+                    "use more text, or check --delimiter, --text-field and the "
+                    "filters"
                 )
         headers = {s: w.finish() for s, w in writers.items()}
-    meta = {
-        "format_version": VERSION,
-        "tokenizer": {
-            "dir": str(tok.dir),
-            "sha256": tok.sha256,
-            "vocab_size": tok.vocab_size,
-        },
-        "inputs": [src.describe() for src in sources],
-        "delimiter": delimiter,
-        "text_field": text_field,
-        "chat_template": chat,
-        "val_fraction": val_fraction,
-        "max_docs": max_docs,
-        "max_tokens": max_tokens,
-        "filters": asdict(quality),
-        "bos": bos,
-        "workers": workers,
-        "eos": True,
-        "dropped": dropped,
-        "duplicates_dropped": dropped["duplicate"],
-        "splits": {
-            s: {"file": f"{s}.bin", "docs": docs[s], **asdict(headers[s])}
-            for s in SPLITS
-        },
-    }
-    with atomic_file(out / DATASET_META, "w") as f:
-        json.dump(meta, f, indent=2)
+        meta = {
+            "format_version": VERSION,
+            "tokenizer": {
+                "dir": str(tok.dir),
+                "sha256": tok.sha256,
+                "vocab_size": tok.vocab_size,
+            },
+            "inputs": [src.describe() for src in sources],
+            "delimiter": delimiter,
+            "text_field": text_field,
+            "chat_template": chat,
+            "val_fraction": val_fraction,
+            "max_docs": max_docs,
+            "max_tokens": max_tokens,
+            "filters": asdict(quality),
+            "bos": bos,
+            "workers": workers,
+            "eos": True,
+            "dropped": dropped,
+            "duplicates_dropped": dropped["duplicate"],
+            # rows of .jsonl/.parquet files and hub datasets without text in
+            # text_field, by reason (src.corpus.records)
+            "skipped_rows": skipped,
+            "splits": {
+                s: {"file": f"{s}.bin", "docs": docs[s], **asdict(headers[s])}
+                for s in SPLITS
+            },
+        }
+        json.dump(meta, meta_file, indent=2)
     return meta
 
 
@@ -254,24 +328,38 @@ def split_token_file(
             f"{path}: no document boundary (EOS id {eos_id}) after token {n - want};"
             " pass a larger --val-tokens/--val-fraction or --exact"
         )
-    out.mkdir(parents=True, exist_ok=True)
-    (out / DATASET_META).unlink(missing_ok=True)
+    tokenizer = _source_tokenizer(path, h)
+    sha = (tokenizer or {}).get("sha256")
     headers = {}
-    for s, (lo, hi) in zip(SPLITS, ((0, cut), (cut, n)), strict=True):
-        with atomic_file(out / f"{s}.bin") as f:
-            w = TokenWriter(f, h.vocab_size)
+    with _NewFiles(out) as new:
+        meta_file = new.open(DATASET_META, "w")  # opened first: committed last
+        for s, (lo, hi) in zip(SPLITS, ((0, cut), (cut, n)), strict=True):
+            w = TokenWriter(new.open(f"{s}.bin"), h.vocab_size, sha)
             for a in range(lo, hi, 1 << 22):  # bounded memory
                 w.write(tokens[a : min(hi, a + (1 << 22))])
             headers[s] = w.finish()
-    meta = {"format_version": VERSION, "split_of": str(path), "cut": cut}
-    parent = path.parent / DATASET_META
-    if parent.is_file():  # carry the tokenizer over from the source's meta
-        with contextlib.suppress(ValueError, KeyError, TypeError):
-            meta["tokenizer"] = json.loads(parent.read_text())["tokenizer"]
-    meta["splits"] = {s: {"file": f"{s}.bin", **asdict(headers[s])} for s in SPLITS}
-    with atomic_file(out / DATASET_META, "w") as f:
-        json.dump(meta, f, indent=2)
+        meta = {"format_version": VERSION, "split_of": str(path), "cut": cut}
+        if tokenizer:
+            meta["tokenizer"] = tokenizer
+        meta["splits"] = {s: {"file": f"{s}.bin", **asdict(headers[s])} for s in SPLITS}
+        json.dump(meta, meta_file, indent=2)
     return meta
+
+
+def _source_tokenizer(path: Path, h: TokenFileHeader) -> dict | None:
+    """The tokenizer a token file was made with, to carry over to its splits: the
+    `tokenizer` entry of the meta.json beside it when that agrees with the header
+    (a version 1 header names none), else what the header names."""
+    side = path.parent / DATASET_META
+    found = None
+    with contextlib.suppress(OSError, ValueError, KeyError, TypeError):
+        found = json.loads(side.read_text(encoding="utf-8"))["tokenizer"]
+    sha = found.get("sha256") if isinstance(found, dict) else None
+    if not (isinstance(sha, str) and re.fullmatch("[0-9a-f]{64}", sha)):
+        found = None
+    if h.tokenizer_sha256 and (found is None or sha != h.tokenizer_sha256):
+        return {"sha256": h.tokenizer_sha256}
+    return found
 
 
 def token_stats(path: str | Path, eos_id: int | None = 3) -> dict:

@@ -1,24 +1,38 @@
-"""Token files and the memmap training loader. No MLX or torch here.
+"""Token files and the training loader. No MLX or torch here.
 
-File format (little-endian): a 32-byte header, then the token ids.
+File format (little-endian): a header, then the token ids.
 
     offset  size  field
          0     8  magic       b"SLMTOKS\\0"
-         8     4  version     1
+         8     4  version     2 (1: no tokenizer field, the header ends at 32)
         12     4  itemsize    2 (uint16, when vocab_size <= 65536) or 4 (uint32)
         16     8  n_tokens
         24     4  vocab_size  every id is in [0, vocab_size)
         28     4  reserved    0
+        32    32  tokenizer   sha256 digest of the tokenizer.model the ids are of
 
-The file size is exactly 32 + n_tokens * itemsize. Files are written atomically
-(temp file, fsync, rename), so a reader never sees half a file.
+A version 2 header is 64 bytes and names the tokenizer, so a token file carries
+its tokenizer check with it (a meta.json can be lost or copied from elsewhere);
+a file written without a tokenizer hash (`write_tokens` without one: eval's
+temporary files, tests) is version 1, whose 32-byte header names none. Both are
+read. The file size is exactly header + n_tokens * itemsize. Files are written
+atomically (temp file, fsync, rename), so a reader never sees half a file.
 
-Loader contract: `TokenLoader` validates the whole file up front (header, size, every
-id < the model's vocab_size) and raises DataError naming the file. A training batch
-is (batch_size, context_length + 1) int32 windows (inputs w[:-1], targets w[1:])
-starting at offsets drawn from `np.random.default_rng([seed, step])`: a pure function
-of (seed, step), so a run's data position is just its step (exact resume).
-Validation windows are fixed, non-overlapping and in file order.
+Loader contract: `TokenLoader` opens the file once and checks it fully up front
+(header, size, every id < the model's vocab_size, the tokenizer named in the
+header and in meta.json) and raises DataError naming the file; from then on it
+reads that open file, so a file renamed over the path (as `prepare` writes) or
+deleted does not change what the run reads, and a file changed in place (size or
+mtime) stops the run with a DataError rather than feed it unchecked ids. Each
+batch is gathered from a fresh numpy memmap of that open file, dropped when the
+batch is made (one long-lived map keeps every touched page resident and RSS grows
+over a run: the nanoGPT lesson); the size and mtime are checked before each map.
+A file truncated in place in the instant between that check and the read would
+still fault the process (SIGBUS): rewriting a token file in place is never safe. A training batch is
+(batch_size, context_length + 1) int32 windows (inputs w[:-1], targets w[1:])
+starting at offsets drawn from `np.random.default_rng([seed, step])`: a pure
+function of (seed, step), so a run's data position is just its step (exact
+resume). Validation windows are fixed, non-overlapping and in file order.
 
 `prepare` writes a meta.json sidecar beside the token files (document counts,
 tokenizer sha256, source). When it is there the loader checks it too: its token
@@ -29,9 +43,11 @@ from __future__ import annotations
 
 import json
 import os
+import stat
 import struct
+import weakref
 from collections.abc import Iterator, Sequence
-from dataclasses import astuple, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
 
@@ -41,11 +57,13 @@ from ..errors import DataError
 from ..files import atomic_file
 
 MAGIC = b"SLMTOKS\x00"
-VERSION = 1
+VERSION = 2  # what `prepare` writes; version 1 files are still read
 HEADER = struct.Struct("<8sIIQII")  # magic, version, itemsize, n_tokens, vocab, 0
-HEADER_SIZE = HEADER.size  # 32
+HEADER_SIZE = HEADER.size  # 32: the version 1 header, the start of every header
+TOKENIZER_FIELD = struct.Struct("<32s")  # version 2: the tokenizer's sha256 digest
+HEADER_BYTES = {1: HEADER_SIZE, 2: HEADER_SIZE + TOKENIZER_FIELD.size}  # 32, 64
 DTYPES = {2: np.dtype("<u2"), 4: np.dtype("<u4")}
-SCAN_CHUNK = 4 * 1024 * 1024  # tokens per np.max when scanning for bad ids
+SCAN_CHUNK = 4 * 1024 * 1024  # tokens per read when scanning for bad ids
 DATASET_META = "meta.json"
 
 
@@ -55,10 +73,28 @@ class TokenFileHeader:
     itemsize: int
     n_tokens: int
     vocab_size: int
+    tokenizer_sha256: str | None = None  # hex; None in version 1 files
 
     @property
     def dtype(self) -> np.dtype:
         return DTYPES[self.itemsize]
+
+    @property
+    def offset(self) -> int:
+        """Where the ids start: the header's size."""
+        return HEADER_BYTES[self.version]
+
+    @property
+    def file_size(self) -> int:
+        return self.offset + self.n_tokens * self.itemsize
+
+    def pack(self) -> bytes:
+        head = HEADER.pack(
+            MAGIC, self.version, self.itemsize, self.n_tokens, self.vocab_size, 0
+        )
+        if self.version == 1:
+            return head
+        return head + TOKENIZER_FIELD.pack(bytes.fromhex(self.tokenizer_sha256))
 
 
 def token_dtype(vocab_size: int) -> np.dtype:
@@ -67,15 +103,27 @@ def token_dtype(vocab_size: int) -> np.dtype:
     return DTYPES[2 if vocab_size <= 65536 else 4]
 
 
-class TokenWriter:
-    """Append token chunks to a seekable binary file; `finish` writes the header."""
+def _check_sha256(sha: str) -> None:
+    if len(sha) != 64 or any(c not in "0123456789abcdef" for c in sha):
+        raise ValueError(f"tokenizer_sha256 must be 64 lower-case hex digits: {sha!r}")
 
-    def __init__(self, f: BinaryIO, vocab_size: int):
+
+class TokenWriter:
+    """Append token chunks to a seekable binary file; `finish` writes the header
+    (version 2 naming the tokenizer when `tokenizer_sha256` is given, else 1)."""
+
+    def __init__(
+        self, f: BinaryIO, vocab_size: int, tokenizer_sha256: str | None = None
+    ):
         if not 1 <= vocab_size < 2**32:
             raise ValueError(f"vocab_size must be in [1, 2**32), got {vocab_size}")
         self.f, self.vocab_size, self.n_tokens = f, vocab_size, 0
+        if tokenizer_sha256 is not None:
+            _check_sha256(tokenizer_sha256)
+        self.tokenizer_sha256 = tokenizer_sha256
+        self.version = 1 if tokenizer_sha256 is None else 2
         self.dtype = token_dtype(vocab_size)
-        f.write(bytes(HEADER_SIZE))  # placeholder until the count is known
+        f.write(bytes(HEADER_BYTES[self.version]))  # placeholder until the count
 
     def write(self, tokens: Sequence[int] | np.ndarray) -> None:
         arr = np.asarray(tokens)
@@ -92,83 +140,117 @@ class TokenWriter:
 
     def finish(self) -> TokenFileHeader:
         h = TokenFileHeader(
-            VERSION, self.dtype.itemsize, self.n_tokens, self.vocab_size
+            self.version,
+            self.dtype.itemsize,
+            self.n_tokens,
+            self.vocab_size,
+            self.tokenizer_sha256,
         )
         self.f.seek(0)
-        self.f.write(HEADER.pack(MAGIC, *astuple(h), 0))
+        self.f.write(h.pack())
         self.f.seek(0, os.SEEK_END)
         return h
 
 
-def write_tokens(path: str | Path, tokens, vocab_size: int) -> TokenFileHeader:
+def write_tokens(
+    path: str | Path, tokens, vocab_size: int, tokenizer_sha256: str | None = None
+) -> TokenFileHeader:
     """Write a token file atomically; every id must be in [0, vocab_size)."""
     with atomic_file(path) as f:
-        writer = TokenWriter(f, vocab_size)
+        writer = TokenWriter(f, vocab_size, tokenizer_sha256)
         writer.write(tokens)
         return writer.finish()
 
 
-def read_header(path: str | Path) -> TokenFileHeader:
-    """Parse and check the header (magic, version, itemsize), not the body."""
-    path = Path(path)
-    if not path.is_file():
-        raise DataError(f"{path}: token file not found")
-    with open(path, "rb") as f:
-        raw = f.read(HEADER_SIZE)
+def _open(path: Path) -> int:
+    """A read-only descriptor of the token file at `path`; DataError naming it
+    when there is none."""
+    try:  # O_NONBLOCK: opening a FIFO must not wait for a writer
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
+    except (FileNotFoundError, NotADirectoryError):
+        raise DataError(f"{path}: token file not found") from None
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        raise DataError(f"{path}: not a file (a token file is a .bin file)")
+    return fd
+
+
+def _parse_header(raw: bytes, path: Path) -> TokenFileHeader:
     if len(raw) < HEADER_SIZE:
         raise DataError(f"{path}: {len(raw)} bytes, too short for a token file")
-    magic, version, itemsize, n_tokens, vocab_size, _ = HEADER.unpack(raw)
+    magic, version, itemsize, n_tokens, vocab_size, _ = HEADER.unpack_from(raw)
     if magic != MAGIC:
         raise DataError(f"{path}: not a token file (magic {magic!r} != {MAGIC!r})")
-    if version != VERSION:
-        raise DataError(f"{path}: unsupported version {version} (expected {VERSION})")
+    if version not in HEADER_BYTES:
+        raise DataError(
+            f"{path}: unsupported version {version} (expected 1 or {VERSION})"
+        )
     if itemsize not in DTYPES:
         raise DataError(f"{path}: unsupported itemsize {itemsize} (expected 2 or 4)")
-    return TokenFileHeader(version, itemsize, n_tokens, vocab_size)
+    sha = None
+    if version == 2:
+        if len(raw) < HEADER_BYTES[2]:
+            raise DataError(f"{path}: {len(raw)} bytes, too short for its header")
+        (digest,) = TOKENIZER_FIELD.unpack_from(raw, HEADER_SIZE)
+        sha = digest.hex() if any(digest) else None
+    return TokenFileHeader(version, itemsize, n_tokens, vocab_size, sha)
 
 
-def _check_size(path: Path, h: TokenFileHeader) -> None:
-    expected, actual = HEADER_SIZE + h.n_tokens * h.itemsize, path.stat().st_size
-    if actual != expected:
-        what = "truncated" if actual < expected else "has trailing bytes"
+def _read_header(fd: int, path: Path) -> TokenFileHeader:
+    """Parse and check the header of an open file, and its size against it."""
+    h = _parse_header(os.pread(fd, HEADER_BYTES[VERSION], 0), path)
+    actual = os.fstat(fd).st_size
+    if actual != h.file_size:
+        what = "truncated" if actual < h.file_size else "has trailing bytes"
         raise DataError(
             f"{path}: {what}: the header declares {h.n_tokens} tokens "
-            f"({expected} bytes) but the file has {actual} bytes"
+            f"({h.file_size} bytes) but the file has {actual} bytes"
         )
+    return h
+
+
+def read_header(path: str | Path) -> TokenFileHeader:
+    """Parse and check the header (magic, version, itemsize, the file's size
+    against it), not the body."""
+    path = Path(path)
+    fd = _open(path)
+    try:
+        return _read_header(fd, path)
+    finally:
+        os.close(fd)
 
 
 def open_tokens(path: str | Path) -> np.ndarray:
-    """The token array of a file, memory-mapped read-only (size checked)."""
+    """The token array of a file, memory-mapped read-only (header and size
+    checked): for tools that read a file once, not for a training run."""
     path = Path(path)
-    h = read_header(path)
-    _check_size(path, h)
-    if h.n_tokens == 0:  # np.memmap cannot map zero bytes
-        return np.empty(0, dtype=h.dtype)
-    return np.memmap(path, h.dtype, "r", HEADER_SIZE, (h.n_tokens,))
+    with open(_open(path), "rb") as f:  # header and map of one and the same file
+        h = _read_header(f.fileno(), path)
+        if h.n_tokens == 0:  # np.memmap cannot map zero bytes
+            return np.empty(0, dtype=h.dtype)
+        return np.memmap(f, h.dtype, "r", h.offset, (h.n_tokens,))
 
 
-def validate_token_file(
-    path: str | Path, vocab_size: int, context_length: int
-) -> TokenFileHeader:
-    """Check a token file fully before training; raise DataError naming it."""
-    path = Path(path)
-    h = read_header(path)
-    _check_size(path, h)
-    if h.n_tokens == 0:
-        raise DataError(f"{path}: empty token file (0 tokens)")
-    if h.n_tokens < context_length + 1:
+def _pread_tokens(
+    fd: int, path: Path, h: TokenFileHeader, start: int, count: int
+) -> np.ndarray:
+    """tokens[start : start + count] of an open file; DataError if it is shorter
+    than its header says (truncated in place since it was checked)."""
+    want = count * h.itemsize
+    raw = os.pread(fd, want, h.offset + start * h.itemsize)
+    if len(raw) != want:
         raise DataError(
-            f"{path}: {h.n_tokens} tokens, fewer than context_length + 1 = "
-            f"{context_length + 1} needed for one window"
+            f"{path}: truncated while in use (no tokens {start}..{start + count} "
+            f"of the {h.n_tokens} its header declares); never rewrite a token file "
+            "in place: write a new one and rename it over the old (as prepare does)"
         )
-    if h.vocab_size > vocab_size:
-        raise DataError(
-            f"{path}: written for vocab_size {h.vocab_size}, more than the "
-            f"model's {vocab_size} (a different tokenizer?)"
-        )
-    tokens = open_tokens(path)
+    return np.frombuffer(raw, h.dtype)
+
+
+def _check_ids(read, path: Path, h: TokenFileHeader, vocab_size: int) -> None:
+    """Every id of the file (read by `read(start, count)`) < vocab_size."""
     for start in range(0, h.n_tokens, SCAN_CHUNK):
-        chunk = tokens[start : start + SCAN_CHUNK]
+        chunk = read(start, min(SCAN_CHUNK, h.n_tokens - start))
         top = int(chunk.max())
         if top >= vocab_size:
             pos = start + int(np.argmax(chunk >= vocab_size))
@@ -176,7 +258,59 @@ def validate_token_file(
                 f"{path}: token id {top} >= vocab_size {vocab_size} "
                 f"(first out-of-range id at position {pos})"
             )
+
+
+def _validate(
+    fd: int,
+    path: Path,
+    vocab_size: int,
+    context_length: int,
+    tokenizer_sha256: str | None = None,
+) -> TokenFileHeader:
+    h = _read_header(fd, path)
+    if h.n_tokens == 0:
+        raise DataError(f"{path}: empty token file (0 tokens)")
+    if h.n_tokens < context_length + 1:
+        raise DataError(
+            f"{path}: {h.n_tokens} tokens, fewer than context_length + 1 = "
+            f"{context_length + 1} needed for one window"
+        )
+    if tokenizer_sha256 is not None and h.tokenizer_sha256 not in (
+        None,
+        tokenizer_sha256,
+    ):
+        raise DataError(
+            f"{path}: its header says it was made with tokenizer sha256 "
+            f"{h.tokenizer_sha256}, but the model's tokenizer is {tokenizer_sha256} "
+            "(re-run `python -m src.data prepare` with the model's tokenizer, or "
+            "set data.tokenizer_path to the tokenizer the file was made with)"
+        )
+    if h.vocab_size > vocab_size:
+        raise DataError(
+            f"{path}: written for vocab_size {h.vocab_size}, more than the "
+            f"model's {vocab_size} (a different tokenizer?)"
+        )
+    _check_ids(
+        lambda start, n: _pread_tokens(fd, path, h, start, n), path, h, vocab_size
+    )
     return h
+
+
+def validate_token_file(
+    path: str | Path,
+    vocab_size: int,
+    context_length: int,
+    tokenizer_sha256: str | None = None,
+) -> TokenFileHeader:
+    """Check a token file fully before training (header, size, every id, and the
+    tokenizer a version 2 header names against `tokenizer_sha256` when given);
+    raise DataError naming it."""
+    path = Path(path)
+    fd = _open(path)
+    try:
+        return _validate(fd, path, vocab_size, context_length, tokenizer_sha256)
+    finally:
+        os.close(fd)
 
 
 def check_sidecar(
@@ -215,6 +349,15 @@ def check_sidecar(
             f"{path}: made with tokenizer sha256 {want[:12]}..., but the model uses "
             f"{tokenizer_sha256[:12]}... (re-run prepare with the model's tokenizer)"
         )
+    if header.tokenizer_sha256 is not None and want not in (
+        None,
+        header.tokenizer_sha256,
+    ):
+        raise DataError(
+            f"{path}: its header names tokenizer sha256 "
+            f"{header.tokenizer_sha256[:12]}... but {side} says {want[:12]}... "
+            "(files from different runs?); re-run prepare"
+        )
     return {**entry, "chat_template": bool(meta.get("chat_template"))}
 
 
@@ -222,8 +365,10 @@ class TokenLoader:
     """Random training windows and fixed validation windows of a token file.
 
     A window is context_length + 1 tokens: inputs w[:-1], targets w[1:].
-    tokenizer_sha256: when given, a meta.json sidecar naming another tokenizer is
-    refused.
+    tokenizer_sha256: when given, a file whose header or meta.json sidecar names
+    another tokenizer is refused. The file is opened once and read from that
+    descriptor (see the module docstring); `close` releases it (so does garbage
+    collection).
     """
 
     def __init__(
@@ -236,19 +381,65 @@ class TokenLoader:
         if context_length < 1:
             raise ValueError(f"context_length must be >= 1, got {context_length}")
         self.path, self.context_length = Path(path), context_length
-        self.header = validate_token_file(self.path, vocab_size, context_length)
-        self.meta = check_sidecar(self.path, self.header, tokenizer_sha256)
+        self.vocab_size = vocab_size
+        self._fd = _open(self.path)
+        self._closer = weakref.finalize(self, os.close, self._fd)
+        # what np.memmap maps (it seeks this object; os.pread ignores the offset)
+        self._file = open(self._fd, "rb", buffering=0, closefd=False)
+        try:
+            self._identity = self._stat()  # what later reads must still see
+            self.header = _validate(
+                self._fd, self.path, vocab_size, context_length, tokenizer_sha256
+            )
+            self._check_unchanged()  # not changed while it was scanned
+            self.meta = check_sidecar(self.path, self.header, tokenizer_sha256)
+        except BaseException:
+            self.close()
+            raise
+
+    def close(self) -> None:
+        """Release the file (idempotent; reads fail after it)."""
+        self._closer()
 
     @property
     def n_tokens(self) -> int:
         return self.header.n_tokens
 
-    def _tokens(self) -> np.ndarray:
-        # A fresh map per batch: one long-lived np.memmap keeps every touched page
-        # resident and RSS grows over a run (the nanoGPT lesson). Mapping is cheap.
-        return np.memmap(
-            self.path, self.header.dtype, "r", HEADER_SIZE, (self.n_tokens,)
-        )
+    def _stat(self) -> tuple[int, int]:
+        st = os.fstat(self._fd)
+        return st.st_size, st.st_mtime_ns
+
+    def _check_unchanged(self) -> None:
+        """DataError when the open file was written to since it was checked (a
+        file renamed over the path is another file: it changes nothing here)."""
+        now = self._stat()
+        if now != self._identity:
+            raise DataError(
+                f"{self.path}: changed in place while in use ({self._identity[0]} "
+                f"-> {now[0]} bytes, or rewritten); stopping rather than read data "
+                "that was not checked. Never rewrite a token file in place: write "
+                "a new one and rename it over the old (as prepare does)"
+            )
+
+    def _windows(self, starts: np.ndarray, length: int) -> np.ndarray:
+        """(len(starts), length) int32: tokens[s : s + length] for each start,
+        gathered from a fresh memory map of the open file (dropped at return)."""
+        self._check_unchanged()
+        h = self.header
+        try:
+            tokens = np.memmap(self._file, h.dtype, "r", h.offset, (h.n_tokens,))
+        except ValueError:  # mmap: the file is now shorter than its header says
+            self._check_unchanged()
+            raise DataError(f"{self.path}: truncated while in use") from None
+        out = np.asarray(tokens[starts[:, None] + np.arange(length)], np.int32)
+        del tokens  # unmapped here: no page stays resident between batches
+        if out.size and out.max() >= self.vocab_size:  # written to under our read
+            self._check_unchanged()
+            raise DataError(
+                f"{self.path}: token id {out.max()} >= vocab_size "
+                f"{self.vocab_size}: the file changed while in use"
+            )
+        return out
 
     def batch(
         self, seed: int, step: int, batch_size: int, rows: slice = slice(None)
@@ -260,7 +451,7 @@ class TokenLoader:
         L = self.context_length
         rng = np.random.default_rng([seed, step])
         starts = rng.integers(0, self.n_tokens - L, size=batch_size)[rows]  # start+L<n
-        return np.asarray(self._tokens()[starts[:, None] + np.arange(L + 1)], np.int32)
+        return self._windows(starts, L + 1)
 
     def num_val_windows(self, max_tokens: int | None = None) -> int:
         """Windows needed to cover max_tokens targets (None: the whole file)."""
@@ -281,5 +472,6 @@ class TokenLoader:
         L, n = self.context_length, self.num_val_windows(max_tokens)
         for first in range(0, n, batch_size):
             rows = np.arange(first, min(first + batch_size, n))
-            idx = rows[:, None] * L + np.arange(L + 1)
-            yield np.asarray(self._tokens()[idx], np.int32)
+            # one read of the span the windows cover (they share their end tokens)
+            span = self._windows(rows[:1] * L, len(rows) * L + 1)[0]
+            yield span[rows[:, None] * L - first * L + np.arange(L + 1)]

@@ -15,9 +15,11 @@ from __future__ import annotations
 
 import collections
 import multiprocessing
+import os
 import signal
 import sys
 import threading
+import time
 from collections.abc import Iterable, Iterator
 from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
@@ -38,12 +40,36 @@ def run_task(tok: Tokenizer, job: Job, task: Task) -> Encoded:
 
 
 _WORKER: tuple[Tokenizer, Job] | None = None
+PARENT_POLL_S = 0.5  # how often a worker checks that its parent is alive
 
 
-def _init_worker(job: Job) -> None:
+def _init_worker(job: Job, parent: int | None) -> None:
     global _WORKER
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's to handle
+    # Signals are the parent's to handle: Ctrl-C reaches the whole process group,
+    # and SIGTERM handlers inherited through fork would raise in here.
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, signal.SIG_IGN)
+    _exit_with_parent(parent)
     _WORKER = (Tokenizer.load(job.tokenizer, threads=1), job)
+
+
+def _exit_with_parent(parent: int | None) -> None:
+    """End this worker when its parent process is gone. A parent that shuts the
+    pool down stops its workers; one killed outright (SIGKILL, or a crash) cannot,
+    and its workers would wait for tasks forever. An orphan is adopted by another
+    process, so its parent id changes: a thread watches for that. `parent`: the
+    pid this worker must have as its parent (None: whatever it has now, for a
+    forkserver's workers, whose parent is the server, which exits with ours)."""
+    born_to = os.getppid()
+    if parent is not None and born_to != parent:
+        os._exit(1)  # the parent died before this worker started
+
+    def watch() -> None:
+        while os.getppid() == born_to:
+            time.sleep(PARENT_POLL_S)
+        os._exit(1)
+
+    threading.Thread(target=watch, name="exit-with-parent", daemon=True).start()
 
 
 def _run(task: Task) -> Encoded:
@@ -66,22 +92,32 @@ def worker_context():
     )
 
 
+def max_workers() -> int:
+    """The most worker processes a run may start: 4 per core, at least 8."""
+    return max(8, 4 * (os.cpu_count() or 1))
+
+
 class BatchRunner:
     """`run_task` over a stream of tasks, in order, on `workers` processes (1: in
     this process, the reference the parallel path must match)."""
 
     def __init__(self, job: Job, workers: int):
-        if workers < 1:
-            raise DataError(f"--workers must be >= 1, got {workers}")
+        if not 1 <= workers <= max_workers():
+            raise DataError(
+                f"--workers must be in [1, {max_workers()}] (at most 4 per core: "
+                f"more only add memory), got {workers}"
+            )
         self.job, self.workers = job, workers
         self._local = Tokenizer.load(job.tokenizer, threads=1) if workers == 1 else None
         self._pool = None
         if workers > 1:
+            context = worker_context()
+            forkserver = context.get_start_method() == "forkserver"
             self._pool = ProcessPoolExecutor(
                 workers,
-                mp_context=worker_context(),
+                mp_context=context,
                 initializer=_init_worker,
-                initargs=(job,),
+                initargs=(job, None if forkserver else os.getpid()),
             )
             # The first task starts the workers (with fork, all of them): now,
             # before the caller starts threads of its own (tqdm's monitor).

@@ -27,7 +27,7 @@ from ..checkpoint.contents import load_model
 from ..corpus.sources import ReadOptions, iter_corpus, open_sources
 from ..corpus.text import DOC_DELIMITER
 from ..data.tokens import MAGIC, TokenLoader, token_dtype, write_tokens
-from ..errors import DataError
+from ..errors import DataError, UsageError, utf8_problem
 from .evaluator import Evaluator, make_eval_fn
 
 # Documents are encoded in batches of ENCODE_BATCH documents or ENCODE_CHARS
@@ -220,6 +220,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def evaluate(args: argparse.Namespace) -> None:
+    if why := utf8_problem(args.delimiter):
+        raise UsageError(f"--delimiter is {why}")
     policy.configure_process()
     checkpoints = args.compare or [args.checkpoint]
     results = [

@@ -5,20 +5,26 @@ holds a prefix of it, and a turn prefills only what the cache lacks (normally th
 new user turn). When the context would overflow, the system prompt and the most
 recent tokens are kept and the cache is rebuilt from them (RoPE positions
 change, so it cannot be shifted in place). Ctrl-C stops a reply, Ctrl-D leaves.
+A line that is not valid UTF-8 is refused with a message; the conversation goes
+on. /save writes a new file, never over one.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import io
+import os
 import sys
 
 import mlx.core as mx
 
+from ..errors import UserError
+from ..files import atomic_file, write_failure
 from ..template import CHAT, PLAIN, Template
 from .cache import make_cache
 from .generate import Stats, generate_step
 from .sampling import Sampling
-from .streaming import TextStreamer
+from .streaming import TextStreamer, check_utf8
 
 
 def pick_template(name: str, tokenizer, meta: dict) -> Template:
@@ -119,8 +125,11 @@ class Chat:
             c.trim(offset - same)
 
     def save(self, path: str) -> None:
+        """Write the transcript to a new file (FileExistsError if there is one)."""
+        if os.path.lexists(path):
+            raise FileExistsError(f"{path} already exists; /save to a new file")
         lines = [f"[{role}] {text}" for role, text in self.transcript]
-        with open(path, "w", encoding="utf-8") as f:
+        with atomic_file(path, "w") as f:
             f.write("\n".join(lines) + "\n")
 
 
@@ -169,8 +178,10 @@ def command(chat: Chat, line: str) -> bool:
         try:
             chat.save(arg)
             print(f"[saved {arg}]", file=out)
-        except OSError as exc:
+        except FileExistsError as exc:
             print(f"error: {exc}", file=out)
+        except OSError as exc:
+            print(f"error: {write_failure(arg, exc)}", file=out)
     elif name == "/stats":
         used = f"{len(chat.tokens)}/{chat.context} tokens in context"
         print(f"[{chat.stats.summary()}; {used}]", file=out)
@@ -193,6 +204,10 @@ def repl(
         import readline  # noqa: F401  (line editing and history for input())
     except ImportError:
         pass
+    if inp is input and isinstance(sys.stdin, io.TextIOWrapper):
+        # bytes that are not UTF-8 come in as lone surrogates (refused below)
+        # rather than as a UnicodeDecodeError that would end the conversation
+        sys.stdin.reconfigure(errors="surrogateescape")
     chat = Chat(
         model, tokenizer, sampling, pick_template(template, tokenizer, meta), out
     )
@@ -205,6 +220,11 @@ def repl(
             return 0
         except KeyboardInterrupt:
             print(file=out)
+            continue
+        try:
+            check_utf8(line, "that line")
+        except UserError as exc:
+            print(f"error: {exc}; nothing was sent, go on", file=out)
             continue
         if line.startswith("/"):
             if not command(chat, line):

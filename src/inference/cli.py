@@ -7,15 +7,17 @@
 The checkpoint folder is self-contained: its meta.json holds the model config and
 its tokenizer/ folder the tokenizer. Layer 3 of three: this CLI and the REPL
 (`chat`) sit on `streaming` (text), which sits on `generate` (tokens).
+
+Nothing made is lost: a prompts file's results are written (and flushed) one by
+one as they are made, to stdout or a new --output file (an existing one is never
+written over), and Ctrl-C or SIGTERM keep them. Text that is not valid UTF-8 (a
+--prompt, a prompts file, a REPL line) is refused, naming it.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import sys
-import time
-from pathlib import Path
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -23,10 +25,11 @@ import mlx.nn as nn
 from .. import cli
 from ..backend.policy import DTYPES
 from ..checkpoint.contents import load_model
-from ..errors import UsageError, UserError
+from ..errors import UsageError
+from .batch import check_new_file, complete_file, read_prompts
 from .generate import Stats
 from .sampling import Sampling, add_sampling_args, sampling_from_args
-from .streaming import complete_batch, prompt_ids, run_rows
+from .streaming import check_utf8, prompt_ids, run_rows
 
 
 def prepare(model: nn.Module, dtype: str | None, bits: int | None) -> nn.Module:
@@ -73,11 +76,12 @@ def build_parser() -> argparse.ArgumentParser:
     mode = p.add_argument_group("mode (default: one empty prompt)").add_argument
     mode("--prompt", action="append", default=[], help="prompt text (repeatable)")
     mode("--prompts-file", metavar="F", help="a file with one prompt per line")
-    mode("--output", metavar="OUT", help="where --prompts-file results go: .txt "
-         "(prompt + completion, then ---) or .jsonl (with token counts and "
-         "timings); default stdout")  # fmt: skip
+    mode("--output", metavar="OUT", help="a new file (never written over) for "
+         "--prompts-file results, each written as it is made: .txt (prompt + "
+         "completion, then ---) or .jsonl (with token counts and timings); "
+         "default stdout. Ctrl-C keeps the results made so far")  # fmt: skip
     mode("--batch-size", type=cli.positive_int, default=8, metavar="N",
-         help="prompts of equal token length generated together (default 8)")  # fmt: skip
+         help="consecutive prompts generated together (default 8)")  # fmt: skip
     mode("--interactive", action="store_true", help="chat REPL (streaming)")
     mode("--template", choices=("auto", "chat", "plain"), default="auto",
          help="REPL turn format: chat markers, plain continuation, or auto = chat "
@@ -101,11 +105,13 @@ def generate(args: argparse.Namespace) -> int:
         raise UsageError(str(exc)) from None
     if args.output and not args.prompts_file:
         raise UsageError("--output needs --prompts-file")
-    if args.output and not Path(args.output).resolve().parent.is_dir():
-        raise UserError(f"{args.output}: its folder does not exist")
-    prompts = None
-    if args.prompts_file:
-        prompts = Path(args.prompts_file).read_text(encoding="utf-8").splitlines()
+    for i, text in enumerate(args.prompt, 1):
+        check_utf8(text, f"--prompt #{i}" if len(args.prompt) > 1 else "--prompt")
+    for text in s.stop:
+        check_utf8(text, f"--stop {text!r}")
+    if args.output:
+        check_new_file(args.output)
+    prompts = read_prompts(args.prompts_file) if args.prompts_file else None
     model, tokenizer, meta = load_model(args.checkpoint, args.tokenizer)
     prepare(model, args.dtype, args.quantize)
     mx.reset_peak_memory()
@@ -114,13 +120,9 @@ def generate(args: argparse.Namespace) -> int:
 
         return repl(model, tokenizer, meta, s, args.template)
     if prompts is not None:
-        t0, stats = time.perf_counter(), Stats()
-        results = complete_batch(model, tokenizer, prompts, s, args.batch_size, stats)
-        write_results(results, args.output)
-        if args.stats:  # tokens computed: a batch row decodes on after its EOS
-            took = f"{len(results)} prompts in {time.perf_counter() - t0:.2f} s"
-            print(f"[stats] {took}; {stats.summary()}", file=sys.stderr)
-        return 0
+        return complete_file(
+            model, tokenizer, prompts, s, args.batch_size, args.output, args.stats
+        )
     for prompt in args.prompt or [""]:
         stats = Stats()
         one_shot(model, tokenizer, prompt, s, stats)
@@ -128,16 +130,3 @@ def generate(args: argparse.Namespace) -> int:
         if args.stats:
             print(f"[stats] {stats.summary()}", file=sys.stderr)
     return 0
-
-
-def write_results(results: list[dict], output: str | None) -> None:
-    """Completions to `output` (.jsonl: one object per prompt; else text blocks)."""
-    if output and output.endswith(".jsonl"):
-        lines = [json.dumps(r, ensure_ascii=False) for r in results]
-    else:
-        lines = [f"{r['prompt']}{r['completion']}\n---" for r in results]
-    text = "\n".join(lines) + "\n"
-    if output:
-        Path(output).write_text(text, encoding="utf-8")
-    else:
-        sys.stdout.write(text)

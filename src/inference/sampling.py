@@ -19,8 +19,11 @@ import argparse
 import math
 from collections.abc import Callable
 from dataclasses import dataclass, field, fields
+from typing import NamedTuple
 
 import mlx.core as mx
+
+from .. import cli
 
 Sampler = Callable[[mx.array, mx.array], mx.array]  # (logits (B, V), key) -> (B,)
 Processor = Callable[[mx.array, mx.array], mx.array]  # (history, logits) -> logits
@@ -40,6 +43,8 @@ def top_p(logprobs: mx.array, p: float) -> mx.array:
     order = mx.argsort(-logprobs, axis=-1)
     probs = mx.exp(mx.take_along_axis(logprobs, order, axis=-1))
     keep_sorted = (mx.cumsum(probs, axis=-1) - probs) < p  # mass before it < p
+    # the likeliest always stays, even for a p that rounds to 0 in float32
+    keep_sorted = keep_sorted | (mx.arange(probs.shape[-1]) == 0)
     keep = mx.put_along_axis(
         mx.zeros(logprobs.shape, mx.bool_), order, keep_sorted, axis=-1
     )
@@ -50,6 +55,64 @@ def min_p(logprobs: mx.array, m: float) -> mx.array:
     """Keep tokens with probability >= m * (probability of the likeliest)."""
     floor = mx.max(logprobs, axis=-1, keepdims=True) + math.log(m)
     return mx.where(logprobs >= floor, logprobs, _NEG_INF)
+
+
+class Limit(NamedTuple):
+    """The values an option allows: a `kind` in [lo, hi], an end left out where
+    `lo_open` / `hi_open`; `note` says what special values mean."""
+
+    kind: type
+    lo: float
+    hi: float
+    note: str = ""
+    lo_open: bool = False
+    hi_open: bool = False
+
+    def allows(self, value) -> bool:
+        """Of this kind (an int is a float, a bool neither) and inside (never NaN)."""
+        kinds = (int,) if self.kind is int else (int, float)
+        if isinstance(value, bool) or not isinstance(value, kinds):
+            return False
+        above = self.lo < value if self.lo_open else self.lo <= value
+        return above and (value < self.hi if self.hi_open else value <= self.hi)
+
+    def ends(self) -> str:
+        """The interval, e.g. (0, 1]."""
+        lo, hi = ("(" if self.lo_open else "["), (")" if self.hi_open else "]")
+        top = self.hi  # 2**31-1 reads better than 2147483647
+        if top > 2**20 and (top + 1).bit_count() == 1:
+            top = f"2**{(top + 1).bit_length() - 1}-1"
+        return f"{lo}{self.lo}, {top}{hi}"
+
+    def rule(self) -> str:
+        kind = "an integer" if self.kind is int else "a number"
+        return f"{kind} in {self.ends()}" + (f" ({self.note})" if self.note else "")
+
+    def parse(self, text: str):
+        """An argparse type for this option (`cli.int_in` or `cli.number_in`)."""
+        if self.kind is int:
+            return cli.int_in(self.lo, self.hi)(text)
+        return cli.number_in(
+            self.lo, self.hi, lo_open=self.lo_open, hi_open=self.hi_open
+        )(text)
+
+
+# Every bound keeps the arithmetic finite: no temperature, penalty or window can
+# turn a logit into inf or NaN (a window longer than the context is simply all of
+# it; MLX indexes with 32-bit integers).
+MAX_COUNT = 2**31 - 1
+LIMITS = {
+    "temperature": Limit(float, 0, 100, "0 = greedy"),
+    "top_k": Limit(int, 0, MAX_COUNT, "0 = off"),
+    "top_p": Limit(float, 0, 1, "1 = off", lo_open=True),
+    "min_p": Limit(float, 0, 1, "0 = off", hi_open=True),
+    "repetition_penalty": Limit(float, 0.01, 100, "1 = off"),
+    "repetition_window": Limit(int, 1, MAX_COUNT),
+    "frequency_penalty": Limit(float, -100, 100, "0 = off"),
+    "presence_penalty": Limit(float, -100, 100, "0 = off"),
+    "seed": Limit(int, 0, 2**63 - 1),
+    "max_tokens": Limit(int, 0, MAX_COUNT),
+}
 
 
 @dataclass
@@ -69,20 +132,10 @@ class Sampling:
     stop: list[str] = field(default_factory=list)  # stop strings (not in output)
 
     def check(self) -> Sampling:
-        """Raise ValueError naming the first option out of range."""
-        rules = [
-            ("temperature", self.temperature >= 0, ">= 0"),
-            ("top_k", self.top_k >= 0, ">= 0"),
-            ("top_p", 0 < self.top_p <= 1, "in (0, 1]"),
-            ("min_p", 0 <= self.min_p < 1, "in [0, 1)"),
-            ("repetition_penalty", self.repetition_penalty > 0, "> 0"),
-            ("repetition_window", self.repetition_window >= 1, ">= 1"),
-            ("max_tokens", self.max_tokens >= 0, ">= 0"),
-            ("seed", 0 <= self.seed < 2**63, "in [0, 2**63)"),
-        ]
-        for name, ok, rule in rules:
-            if not ok:
-                raise ValueError(f"{name} must be {rule}, got {getattr(self, name)}")
+        """Raise ValueError naming the first option outside its LIMITS."""
+        for name, limit in LIMITS.items():
+            if not limit.allows(value := getattr(self, name)):
+                raise ValueError(f"{name} must be {limit.rule()}, got {value!r}")
         return self
 
 
@@ -98,13 +151,17 @@ def make_sampler(s: Sampling, vocab_size: int) -> Sampler:
         filters.append(lambda x: min_p(x, s.min_p))
     if 0 < s.top_k < vocab_size:
         filters.append(lambda x: top_k(x, s.top_k))
-    inv_temp = 1.0 / s.temperature
+    # capped: 1 / a temperature near 0 would be inf in float32, and 0 * inf NaN
+    inv_temp = min(1.0 / s.temperature, 1e30)
 
     def sampler(logits: mx.array, key: mx.array) -> mx.array:
         logprobs = logits - mx.logsumexp(logits, axis=-1, keepdims=True)
         for f in filters:
             logprobs = f(logprobs)
-        return mx.random.categorical(logprobs * inv_temp, key=key)
+        # the likeliest at exactly 0: a tiny temperature sends the others to -inf
+        # (greedy in the limit), never to NaN
+        top = mx.max(logprobs, axis=-1, keepdims=True)
+        return mx.random.categorical((logprobs - top) * inv_temp, key=key)
 
     return sampler
 
@@ -149,22 +206,23 @@ def add_sampling_args(p: argparse.ArgumentParser) -> None:
     d = Sampling()
     g = p.add_argument_group("sampling (the same defaults in every mode)")
     flags = [
-        ("--temperature", float, "X", "0 = greedy"),
-        ("--top-k", int, "N", "keep the N likeliest tokens; 0 = off"),
-        ("--top-p", float, "X", "keep the likeliest tokens holding mass X; 1 = off"),
-        ("--min-p", float, "X", "keep tokens with p >= X * p(top token); 0 = off"),
-        ("--repetition-penalty", float, "X", "divide recent tokens' logits by X"),
-        ("--repetition-window", int, "N", "recent tokens the penalties look at"),
-        ("--frequency-penalty", float, "X", "minus X per recent occurrence"),
-        ("--presence-penalty", float, "X", "minus X if it occurred recently"),
-        ("--seed", int, "N", "sampling seed"),
-        ("--max-tokens", int, "N", "new tokens per completion or reply"),
+        ("--temperature", "X", "0 = greedy"),
+        ("--top-k", "N", "keep the N likeliest tokens; 0 = off"),
+        ("--top-p", "X", "keep the likeliest tokens holding mass X; 1 = off"),
+        ("--min-p", "X", "keep tokens with p >= X * p(top token); 0 = off"),
+        ("--repetition-penalty", "X", "divide recent tokens' logits by X"),
+        ("--repetition-window", "N", "recent tokens the penalties look at"),
+        ("--frequency-penalty", "X", "minus X per recent occurrence"),
+        ("--presence-penalty", "X", "minus X if it occurred recently"),
+        ("--seed", "N", "sampling seed"),
+        ("--max-tokens", "N", "new tokens per completion or reply"),
     ]
-    for flag, kind, metavar, text in flags:
-        default = getattr(d, flag[2:].replace("-", "_"))
+    for flag, metavar, text in flags:
+        name = flag[2:].replace("-", "_")
+        default, limit = getattr(d, name), LIMITS[name]
         g.add_argument(
-            flag, type=kind, default=default, metavar=metavar,
-            help=f"{text} (default {default})",
+            flag, type=limit.parse, default=default, metavar=metavar,
+            help=f"{text}; in {limit.ends()} (default {default})",
         )  # fmt: skip
     g.add_argument(
         "--stop",

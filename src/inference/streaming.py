@@ -12,10 +12,11 @@ batched row draws other random numbers than it would alone.
 from __future__ import annotations
 
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 
 import mlx.core as mx
 
+from ..errors import UserError, utf8_problem
 from .cache import make_cache
 from .generate import Stats, fit_prompt, generate_step
 from .sampling import Sampling
@@ -116,22 +117,30 @@ def run_rows(model, tokenizer, rows, s: Sampling, stats: Stats, on_text=None):
     return [(st.text, n) for st, n in zip(streamers, counts)]
 
 
-def complete_batch(
+def complete_prompts(
     model, tokenizer, prompts: list[str], s: Sampling, batch: int, stats: Stats
-):
-    """One dict per prompt, in order (prompt, completion, token counts, seconds),
-    generated `batch` at a time; prompts are grouped by token count, so a batch
-    pads as little as it can."""
-    ids = [prompt_ids(tokenizer, p, model.config.context_length, s) for p in prompts]
-    order = sorted(range(len(ids)), key=lambda i: len(ids[i]))
-    results: list[dict] = [{} for _ in prompts]
-    for start in range(0, len(order), batch):
-        group = order[start : start + batch]
+) -> Iterator[dict]:
+    """One dict per prompt (prompt, completion, token counts, seconds), yielded in
+    the prompts' order as soon as it is made: `batch` consecutive prompts are
+    generated together (shorter ones left-padded), so a caller can write each
+    result before the next batch starts (an interruption loses only the batch
+    in progress)."""
+    context = model.config.context_length
+    for start in range(0, len(prompts), batch):
+        group = prompts[start : start + batch]
+        ids = [prompt_ids(tokenizer, p, context, s) for p in group]
         t0 = time.perf_counter()
-        out = run_rows(model, tokenizer, [ids[i] for i in group], s, stats)
+        out = run_rows(model, tokenizer, ids, s, stats)
         seconds = round(time.perf_counter() - t0, 4)
-        for i, (text, n) in zip(group, out):
-            results[i] = dict(prompt=prompts[i], completion=text)
-            results[i].update(prompt_tokens=len(ids[i]), generated_tokens=n)
-            results[i].update(seconds=seconds, batch_size=len(group))
-    return results
+        for prompt, row, (text, n) in zip(group, ids, out):
+            yield dict(prompt=prompt, completion=text, prompt_tokens=len(row),
+                       generated_tokens=n, seconds=seconds,
+                       batch_size=len(group))  # fmt: skip
+
+
+def check_utf8(text: str, what: str) -> str:
+    """`text`, or UserError naming `what` when it is not valid UTF-8 (a byte that
+    did not decode, kept by Python as a lone surrogate: no tokenizer takes it)."""
+    if why := utf8_problem(text):
+        raise UserError(f"{what} is {why}")
+    return text

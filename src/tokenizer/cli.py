@@ -16,6 +16,7 @@ from collections.abc import Sequence
 from tqdm import tqdm
 
 from .. import cli
+from ..corpus.records import skipped_summary
 from ..corpus.sources import (
     DEFAULT_TEXT_FIELD,
     ReadOptions,
@@ -24,17 +25,18 @@ from ..corpus.sources import (
     open_sources,
     sources_from_args,
 )
-from ..errors import TokenizerError
-from .spm import MIN_VOCAB, MODEL_FILE, Tokenizer
+from ..errors import TokenizerError, utf8_problem
+from .spm import MAX_VOCAB, MIN_VOCAB, MODEL_FILE, Tokenizer
 from .training import (
     DEFAULT_COVERAGE,
     DEFAULT_HUB_DOCS,
     DEFAULT_MAX_SENTENCES,
+    MIN_COVERAGE,
     MODEL_TYPES,
     train_tokenizer,
 )
 
-COVERAGE = cli.number_in(0.0, 1.0, lo_open=True)  # --character-coverage in (0, 1]
+COVERAGE = cli.number_in(MIN_COVERAGE, 1.0)  # --character-coverage
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -69,7 +71,7 @@ def build_parser() -> argparse.ArgumentParser:
         type=cli.positive_int,
         required=True,
         metavar="N",
-        help=f">= {MIN_VOCAB}",
+        help=f"in [{MIN_VOCAB}, {MAX_VOCAB}]",
     )
     add("--model-type", choices=MODEL_TYPES, default="bpe", help="(default bpe)")
     add(
@@ -80,14 +82,20 @@ def build_parser() -> argparse.ArgumentParser:
         help="train on a seeded random sample of N lines at most "
         f"(default {DEFAULT_MAX_SENTENCES})",
     )
-    add("--seed", type=int, default=0, help="seed of the line sample (default 0)")
+    add(
+        "--seed",
+        type=cli.count,
+        default=0,
+        help="seed of the line sample, >= 0 (default 0)",
+    )
     add(
         "--character-coverage",
         type=COVERAGE,
         default=DEFAULT_COVERAGE,
         metavar="F",
         help="share of the text's characters that get a piece of their own; rarer "
-        f"ones fall back to byte pieces (default {DEFAULT_COVERAGE})",
+        f"ones fall back to byte pieces; in [{MIN_COVERAGE}, 1] "
+        f"(default {DEFAULT_COVERAGE})",
     )
     tok_help = "folder made by `train` (or its tokenizer.model)"
     enc = sub.add_parser("encode", help="print the token ids of a text")
@@ -133,7 +141,9 @@ def run(args: argparse.Namespace) -> None:
         return
     tok = Tokenizer.load(args.tokenizer)
     if args.command == "encode":
-        text = sys.stdin.read() if args.text is None else args.text
+        text = read_stdin() if args.text is None else args.text
+        if why := utf8_problem(text):
+            raise TokenizerError(f"--text: {why}")
         print(" ".join(map(str, tok.encode(text, bos=args.bos, eos=args.eos))))
     elif args.command == "decode":
         print(tok.decode(args.ids))
@@ -143,6 +153,19 @@ def run(args: argparse.Namespace) -> None:
         for name, n, size in rows:
             ratio = f"{size / n:.3f}" if n else "n/a"
             print(f"{name}: {n} tokens, {size} bytes, {ratio} bytes/token")
+
+
+def read_stdin() -> str:
+    """All of stdin, decoded strictly (Python's own stdin would keep an invalid
+    byte as a lone surrogate, or raise mid-read)."""
+    data = sys.stdin.buffer.read()
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise TokenizerError(
+            f"stdin: not UTF-8 text (byte 0x{data[exc.start]:02x} at offset "
+            f"{exc.start})"
+        ) from None
 
 
 # ------------------------------------------------------------------- stats
@@ -155,11 +178,13 @@ def _line_chunks(f, n: int) -> list[bytes]:
 def _count_records(tok: Tokenizer, source: Source, text_field: str):
     """(tokens, UTF-8 bytes) of the texts of a record source."""
     n = nbytes = 0
-    docs = source.documents(ReadOptions(text_field=text_field))
-    texts = (text for text, _ in docs)
+    opts = ReadOptions(text_field=text_field)
+    texts = (text for text, _ in source.documents(opts))
     while batch := list(itertools.islice(texts, 256)):
         n += sum(map(len, tok.encode_batch(batch)))
         nbytes += sum(len(t.encode("utf-8")) for t in batch)
+    if line := skipped_summary(opts.skipped, text_field):  # never dropped unsaid
+        tqdm.write(f"warning: {source}: {line}", file=sys.stderr)
     return n, nbytes
 
 

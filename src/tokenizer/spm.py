@@ -22,7 +22,7 @@ from pathlib import Path
 
 import sentencepiece as spm
 
-from ..errors import TokenizerError
+from ..errors import TokenizerError, utf8_problem
 
 # Special tokens; the id of each is its index. pad, unk, bos, eos come first.
 SPECIAL_TOKENS = ("<pad>", "<unk>", "<s>", "</s>")
@@ -32,6 +32,16 @@ N_BYTE_PIECES = 256
 MIN_VOCAB = len(SPECIAL_TOKENS) + len(CHAT_MARKERS) + N_BYTE_PIECES + 1  # + 1 char
 MODEL_FILE, INFO_FILE = "tokenizer.model", "tokenizer.json"
 WS = "\u2581"  # sentencepiece's whitespace marker
+MAX_VOCAB = 2**20  # 4x the largest vocabularies in use; model.vocab_size's limit too
+
+
+def _check_text(texts: list[str]) -> None:
+    """TokenizerError naming the first text that is not valid UTF-8 (checked only
+    after sentencepiece refused one: free on the path that works)."""
+    for i, text in enumerate(texts):
+        if isinstance(text, str) and (why := utf8_problem(text)):
+            where = f"text {i} of the batch" if len(texts) > 1 else "the text"
+            raise TokenizerError(f"cannot encode {where}: {why}")
 
 
 class Tokenizer:
@@ -79,15 +89,20 @@ class Tokenizer:
     pad_id, unk_id, bos_id, eos_id = PAD_ID, UNK_ID, BOS_ID, EOS_ID
 
     def encode(self, text: str, bos: bool = False, eos: bool = False) -> list[int]:
-        """Token ids of `text` (a str without lone surrogates), optionally with
-        BOS/EOS; chat markers such as "<|user|>" in the text become their ids."""
-        if WS in text:
-            parts = [self._sp.encode(part) for part in text.split(WS)]
-            ids = parts[0]
-            for part in parts[1:]:
-                ids += self._ws_ids + part
-        else:
-            ids = self._sp.encode(text)
+        """Token ids of `text`, optionally with BOS/EOS; chat markers such as
+        "<|user|>" in the text become their ids. TokenizerError if `text` is not
+        valid UTF-8 (a lone surrogate: an invalid byte of argv or stdin)."""
+        try:
+            if WS in text:
+                parts = [self._sp.encode(part) for part in text.split(WS)]
+                ids = parts[0]
+                for part in parts[1:]:
+                    ids += self._ws_ids + part
+            else:
+                ids = self._sp.encode(text)
+        except (RuntimeError, TypeError):  # sentencepiece refuses the str: say why
+            _check_text([text])
+            raise
         return [BOS_ID] * bos + ids + [EOS_ID] * eos
 
     def encode_batch(
@@ -95,9 +110,13 @@ class Tokenizer:
     ) -> list[list[int]]:
         """Same as [encode(t) for t in texts], on all cores."""
         texts = list(texts)
-        out = self._sp.encode(
-            texts, add_bos=bos, add_eos=eos, num_threads=self._threads
-        )
+        try:
+            out = self._sp.encode(
+                texts, add_bos=bos, add_eos=eos, num_threads=self._threads
+            )
+        except (RuntimeError, TypeError):
+            _check_text(texts)
+            raise
         for i, text in enumerate(texts):
             if WS in text:  # rare: take the exact path
                 out[i] = self.encode(text, bos, eos)

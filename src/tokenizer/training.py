@@ -27,6 +27,7 @@ from pathlib import Path
 import sentencepiece as spm
 from tqdm import tqdm
 
+from ..corpus.records import skipped_summary
 from ..corpus.sources import (
     DEFAULT_TEXT_FIELD,
     ReadOptions,
@@ -41,6 +42,7 @@ from .spm import (
     CHAT_MARKERS,
     EOS_ID,
     INFO_FILE,
+    MAX_VOCAB,
     MIN_VOCAB,
     MODEL_FILE,
     N_BYTE_PIECES,
@@ -52,6 +54,7 @@ from .spm import (
 
 MODEL_TYPES = ("bpe", "unigram")
 DEFAULT_COVERAGE = 0.9995
+MIN_COVERAGE = 0.98  # sentencepiece refuses less
 DEFAULT_MAX_SENTENCES = 1_000_000
 MAX_LINE_CHARS = 8192  # longer lines are cut; sentencepiece would skip them
 DEFAULT_HUB_DOCS = 200_000  # rows of a hub dataset read to train a tokenizer
@@ -96,7 +99,23 @@ def _sample_lines(
     if size is not None:
         total = size
     corpus = {"files": files, "bytes": total, "lines": seen, "sampled": len(sample)}
+    if line := skipped_summary(opts.skipped, text_field):  # never dropped unsaid
+        print(f"warning: {line}", file=sys.stderr)
+        corpus["skipped_rows"] = dict(opts.skipped)
     return sample, corpus
+
+
+def _check_output(out: Path) -> None:
+    """Refuse an output folder that cannot be made, before the corpus is read."""
+    if out.exists() and not out.is_dir():
+        raise TokenizerError(f"{out}: exists and is not a folder")
+    base = out
+    while not base.exists() and base != base.parent:
+        base = base.parent  # the folder that the missing ones would go in
+    if not base.is_dir():
+        raise TokenizerError(f"{out}: cannot be made: {base} is not a folder")
+    if not os.access(base, os.W_OK | os.X_OK):
+        raise TokenizerError(f"{out}: cannot be made: {base} is not writable")
 
 
 def _explain(message: str, vocab_size: int, coverage: float) -> str:
@@ -133,6 +152,10 @@ def train_tokenizer(
     lines are skipped) and of each row's `text_field` in jsonl/parquet files and
     hub datasets (of the first `max_docs` rows; None: all). Writes
     output/tokenizer.model and output/tokenizer.json."""
+    if vocab_size > MAX_VOCAB:
+        raise TokenizerError(
+            f"--vocab-size {vocab_size} is too large: the maximum is {MAX_VOCAB}"
+        )
     if vocab_size < MIN_VOCAB:
         raise TokenizerError(
             f"--vocab-size {vocab_size} is too small: the minimum is {MIN_VOCAB} "
@@ -143,13 +166,15 @@ def train_tokenizer(
         raise TokenizerError(
             f"model type must be one of {MODEL_TYPES}, got {model_type!r}"
         )
-    if not 0.0 < character_coverage <= 1.0 or max_sentences < 1 or seed < 0:
+    if not MIN_COVERAGE <= character_coverage <= 1.0:
         raise TokenizerError(
-            "need 0 < character_coverage <= 1, max_sentences >= 1, seed >= 0"
+            f"--character-coverage {character_coverage} must be in "
+            f"[{MIN_COVERAGE}, 1] (sentencepiece's rule)"
         )
+    if max_sentences < 1 or seed < 0:
+        raise TokenizerError(f"need max_sentences >= 1 ({max_sentences}), seed >= 0")
     out = Path(output)
-    if out.exists() and not out.is_dir():
-        raise TokenizerError(f"{out}: exists and is not a folder")
+    _check_output(out)
     sources = open_sources(inputs)
     sample, corpus = _sample_lines(sources, max_sentences, seed, text_field, max_docs)
     print(f"training {model_type} on {len(sample)} lines...", file=sys.stderr)

@@ -14,6 +14,7 @@ import sys
 from .. import cli
 from ..backend import policy
 from ..config import dump_config, load_config
+from ..errors import UsageError
 from . import distributed
 from .launch import add_launch_arguments, launch
 from .run import train
@@ -32,7 +33,8 @@ def build_parser() -> argparse.ArgumentParser:
         action="append",
         default=[],
         metavar="SECTION.KEY=VALUE",
-        help="override a config value, e.g. training.max_steps=200 (repeatable)",
+        help="override a config value, e.g. training.max_steps=200 (repeatable; "
+        "the last --set of a key wins; a whole section cannot be set)",
     )
     p.add_argument(
         "--resume",
@@ -41,10 +43,19 @@ def build_parser() -> argparse.ArgumentParser:
         "or a checkpoint folder (e.g. checkpoints/<run>/latest)",
     )
     p.add_argument(
+        "--rewind",
+        action="store_true",
+        help="with --resume PATH: go back to that checkpoint although the run has "
+        "later ones; they are moved to checkpoints/<run>/rewound-<time>/ (not "
+        "deleted), latest and best are reset to what remains, and the metrics "
+        "log drops the steps after PATH",
+    )
+    p.add_argument(
         "--overwrite",
         action="store_true",
         help="start from scratch even if this run already has checkpoints "
-        "(deletes them and the run's logs)",
+        "(deletes them and the run's logs; refused if the run's folders hold "
+        "anything else)",
     )
     p.add_argument(
         "--show-config",
@@ -59,6 +70,14 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
 
     def run(args: argparse.Namespace) -> int:
+        if args.rewind and (not args.resume or args.resume == "auto"):
+            raise UsageError(
+                "--rewind needs --resume PATH, the checkpoint to go back to"
+            )
+        if args.overwrite and args.resume:
+            raise UsageError(
+                "--overwrite starts the run over and --resume continues it: pass one"
+            )
         policy.configure_process()
         cfg = load_config(args.config, args.set)
         if args.show_config:
@@ -67,7 +86,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.nproc > 1:
             return launch(argv, args.nproc, cfg)
         dist = distributed.init(cfg, args.start_timeout)
-        return train(cfg, args.resume, args.overwrite, dist)
+        return train(cfg, args.resume, args.overwrite, dist, args.rewind)
 
     try:
         prefix = f"error{distributed.rank_tag()}"

@@ -39,6 +39,7 @@ from ..errors import ConfigError
 from .distributed import JOB_ENV, PEER_LOST_EXIT, Dist
 
 GRACE_S = 3.0
+MAX_RANKS = 256  # ranks on one machine; more is a typo, not a job
 POLL_S = 0.05
 
 
@@ -46,7 +47,7 @@ def add_launch_arguments(p: argparse.ArgumentParser) -> None:
     """The trainer's data-parallel options."""
     p.add_argument(
         "--nproc",
-        type=cli.positive_int,
+        type=cli.int_in(1, MAX_RANKS),
         default=1,
         metavar="N",
         help="data-parallel: run N ranks on this machine (ring backend on "

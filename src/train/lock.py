@@ -1,11 +1,15 @@
 """One trainer per run: an exclusive lock on `<run_dir>/.lock`, taken before
 anything is allocated, so a second trainer on the same run fails in the first
-second, naming the holder's pid (`CheckpointError`, exit 2)."""
+second, naming the holder's pid (`CheckpointError`, exit 2). A run holds the lock
+of every folder it writes (`locked`: its checkpoint and its log folder), so two
+runs that share either one cannot both start."""
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import os
+from collections.abc import Iterator
 from pathlib import Path
 
 from ..errors import CheckpointError
@@ -59,3 +63,16 @@ class RunLock:
 
     def __exit__(self, *exc) -> None:
         self.release()
+
+
+@contextlib.contextmanager
+def locked(*folders) -> Iterator[None]:
+    """Hold the `RunLock` of each folder (one that is named twice, once); when
+    one is refused, those already taken are released before the error."""
+    with contextlib.ExitStack() as stack:
+        seen = set()
+        for folder in folders:
+            if Path(folder).resolve() not in seen:
+                seen.add(Path(folder).resolve())
+                stack.enter_context(RunLock(folder))
+        yield

@@ -7,6 +7,11 @@ hands over steps as `StepRecord`s of lazy arrays and they are written at logging
 boundaries, so it never waits on `.item()` in between. On resume, rows past the
 checkpoint's step are dropped so the log has no duplicated or missing steps.
 Ranks other than 0 keep a `FollowerLog`: the same bookkeeping, nothing written.
+
+A log is never why a run crashes: a write that fails (a full disk, an I/O error)
+is kept as `failure`, the first one, in user terms (`src.files.write_failure`),
+and the console goes on; the loop polls `failure` each step, saves and stops. A
+console that goes away (a closed pipe) is only dropped: train.log has every line.
 """
 
 from __future__ import annotations
@@ -15,11 +20,14 @@ import json
 import os
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 import mlx.core as mx
 from tqdm import tqdm
+
+from ..files import atomic_file, write_failure
 
 
 @dataclass
@@ -34,6 +42,30 @@ class StepRecord:
     lr: mx.array
 
 
+class _Console:
+    """sys.stderr for the log lines and the progress bar, dropped at the first
+    write that fails (e.g. `... 2>&1 | head` has exited)."""
+
+    def __init__(self):
+        self.alive = True
+
+    def _do(self, action, *args) -> None:
+        if self.alive:
+            try:
+                action(*args)
+            except OSError:
+                self.alive = False
+
+    def write(self, text: str) -> None:
+        self._do(sys.stderr.write, text)
+
+    def flush(self) -> None:
+        self._do(sys.stderr.flush)
+
+    def __getattr__(self, name):  # what tqdm asks of a file: encoding, isatty...
+        return getattr(sys.stderr, name)
+
+
 class RunLog:
     def __init__(self, log_dir: Path, progress_bar: bool = True):
         self.dir = Path(log_dir)
@@ -41,12 +73,28 @@ class RunLog:
         self.text_path = self.dir / "train.log"
         self.progress_bar = progress_bar
         self.loss_ema: float | None = None
+        self.failure: str | None = None  # the first write that failed, said for people
+        self.console = _Console()
+
+    def _guard(self, path: Path, write: Callable[[], None]) -> None:
+        """Run `write` (of `path`); an OSError becomes `failure` instead of a crash."""
+        try:
+            write()
+        except OSError as exc:
+            self.failure = self.failure or write_failure(path, exc)
 
     # -- console and train.log
     def _emit(self, line: str) -> None:
-        tqdm.write(line, file=sys.stderr)
-        with open(self.text_path, "a", encoding="utf-8") as f:
-            f.write(f"{time.strftime('%Y-%m-%d %H:%M:%S')} {line}\n")
+        tqdm.write(line, file=self.console)
+        stamped = f"{time.strftime('%Y-%m-%d %H:%M:%S')} {line}\n"
+
+        def write() -> None:  # text from outside (e.g. prompts) may not be UTF-8
+            with open(
+                self.text_path, "a", encoding="utf-8", errors="backslashreplace"
+            ) as f:
+                f.write(stamped)
+
+        self._guard(self.text_path, write)
 
     def info(self, msg: str) -> None:
         self._emit(msg)
@@ -58,7 +106,13 @@ class RunLog:
         self._emit(f"error: {msg}")
 
     def write_config(self, text: str) -> None:
-        (self.dir / "config.yaml").write_text(text, encoding="utf-8")
+        path = self.dir / "config.yaml"
+
+        def write() -> None:
+            with atomic_file(path, "w") as f:
+                f.write(text)
+
+        self._guard(path, write)
 
     def progress(self, start: int, total: int) -> tqdm:
         return tqdm(
@@ -68,46 +122,46 @@ class RunLog:
             unit="step",
             disable=not self.progress_bar,
             dynamic_ncols=True,
-            file=sys.stderr,
+            file=self.console,
         )
 
     # -- metrics.jsonl
     def _append(self, rows: list[dict]) -> None:
-        with open(self.metrics_path, "a", encoding="utf-8") as f:
-            for row in rows:
-                f.write(json.dumps(row) + "\n")
-            f.flush()
-            os.fsync(f.fileno())
+        def write() -> None:  # json.dumps escapes non-ASCII: any text is safe
+            with open(self.metrics_path, "a", encoding="utf-8") as f:
+                f.write("".join(json.dumps(row) + "\n" for row in rows))
+                f.flush()
+                os.fsync(f.fileno())
+
+        self._guard(self.metrics_path, write)
 
     def truncate_after(self, step: int) -> None:
         """Drop rows for steps > `step` (written after the checkpoint we resume from)."""
-        if not self.metrics_path.exists():
-            return
+        if self.metrics_path.exists():
+            self._guard(self.metrics_path, lambda: self._keep_until(step))
+
+    def _keep_until(self, step: int) -> None:
         keep = []
         for line in self.metrics_path.read_text(encoding="utf-8").splitlines():
             try:
                 row = json.loads(line)
             except json.JSONDecodeError:
-                continue  # a torn last line from a kill -9
+                continue  # a torn line from a kill -9 or a full disk
             if row.get("step", 0) <= step:
                 keep.append(line + "\n")
-        tmp = self.metrics_path.with_suffix(".tmp")
-        tmp.write_text("".join(keep), encoding="utf-8")
-        os.replace(tmp, self.metrics_path)
+        with atomic_file(self.metrics_path, "w") as f:
+            f.write("".join(keep))
 
     def flush_steps(
         self,
         pending: list[StepRecord],
         tokens_per_s: float,
-        consecutive_bad: int,
         spike_factor: float,
         bar: tqdm,
-    ) -> int:
-        """Write buffered step rows; warn about skipped steps and loss spikes.
-
-        Returns the updated count of consecutive non-finite (skipped) steps."""
+    ) -> None:
+        """Write buffered step rows; warn about skipped steps and loss spikes."""
         if not pending:
-            return consecutive_bad
+            return
         steps = [p.step for p in pending]
         values = mx.stack(
             [
@@ -126,10 +180,8 @@ class RunLog:
                 "skipped": not ok,
             }
             if not ok:
-                consecutive_bad += 1
                 self.warn(f"step {step}: non-finite loss or gradient; update skipped")
             else:
-                consecutive_bad = 0
                 if self.loss_ema is not None and loss > spike_factor * self.loss_ema:
                     self.warn(
                         f"step {step}: loss spike {loss:.4f} "
@@ -150,12 +202,11 @@ class RunLog:
             refresh=False,
         )
         if not bar.disable:
-            return consecutive_bad
+            return
         self.info(
             f"step {last['step']}: loss {last['loss']:.4f} lr {last['lr']:.2e} "
             f"grad_norm {last['grad_norm']:.3f} {tokens_per_s:,.0f} tok/s"
         )
-        return consecutive_bad
 
     def eval_row(self, step: int, metrics: dict) -> None:
         self._append([{"event": "eval", "step": step, "time": time.time(), **metrics}])
@@ -172,8 +223,8 @@ class RunLog:
 
 
 class FollowerLog(RunLog):
-    """The log of ranks other than 0: the same bookkeeping (so that every rank takes
-    the same decisions, e.g. to stop after non-finite steps), nothing written."""
+    """The log of ranks other than 0: the same bookkeeping, nothing written (so it
+    never fails: rank 0's failure reaches them through the step's stop flag)."""
 
     def __init__(self):
         super().__init__(Path(os.devnull), progress_bar=False)

@@ -1,46 +1,211 @@
-"""Starting a run where it belongs: resume it, refuse, or start over.
+"""Starting a run where it belongs: resume it, rewind it, refuse, or start over.
 
-`resume_or_clear` decides from `--resume` and `--overwrite` what the run starts
-from; `check_resume_compatible` refuses a resume whose config changed what the
-checkpoint's tensors, token stream or data position depend on, listing every
-difference. Both run before anything is allocated.
+`plan_start` decides from `--resume`, `--rewind` and `--overwrite` what the run
+starts from, and refuses what would lose or contradict work, changing nothing on
+disk; `Plan.apply` makes it so once every other check has passed (the run's
+folders locked, the config checked against the checkpoint by
+`check_resume_compatible` and `check_steps_left`), before anything is allocated.
+
+- A fresh start needs a run without checkpoints or logs, or `--overwrite`, which
+  deletes only what a run writes (checkpoints, their links, logs, reports); a
+  folder holding anything else is refused, naming it, and nothing is deleted.
+- A resume from a checkpoint older than the run's newest valid one would make
+  the newer ones lie: it needs `--rewind`, which moves them (and any damaged ones
+  past it) to `<checkpoints>/rewound-<time>/` and points `latest` and `best` at
+  what remains. The metrics rows past the checkpoint are dropped by the trainer
+  (`RunLog.truncate_after`), so no step is logged twice.
 """
 
 from __future__ import annotations
 
+import re
 import shutil
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..checkpoint import store as ckpt
 from ..config import Config
-from ..errors import ConfigError
+from ..errors import CheckpointError, ConfigError
+from ..files import write_failure
+from ..plot import DEFAULT_PNG
+
+# What a run writes in its log folder (src.train.logbook, src.report, src.plot),
+# with the temp names of src.files.atomic_file and of the logbook's truncation.
+LOG_FILES = ("metrics.jsonl", "metrics.tmp", "train.log", "config.yaml",
+             "report.md", DEFAULT_PNG, "compare.png")  # fmt: skip
+_ATOMIC_TMP = re.compile(r"^\.(?P<name>.+)\.[0-9a-f]+\.tmp$")
+# In any run folder: the run lock and a start-up write probe (src.files).
+_ANY_RUN = re.compile(r"^(\.lock|\.write-probe-\d+)$")
+SHOWN = 5  # names listed in a refusal
 
 
-def resume_or_clear(
-    ckpt_dir: Path, log_dir: Path, resume: str | None, overwrite: bool, warn
-) -> Path | None:
-    """The checkpoint to resume from (`--resume auto|PATH`), or None for a fresh
-    start: refused if the run already has checkpoints, unless `overwrite`, which
-    empties the run's checkpoint and log folders (keeping the lock)."""
-    existing = ckpt.list_checkpoints(ckpt_dir)
+def _any_run(p: Path) -> bool:
+    return bool(_ANY_RUN.match(p.name))
+
+
+def _log_file(p: Path) -> bool:
+    """A file the logbook, report or plot writes (or their temp file)."""
+    m = _ATOMIC_TMP.match(p.name)
+    name = m["name"] if m else p.name
+    return name in LOG_FILES and (p.is_symlink() or not p.is_dir())
+
+
+@dataclass
+class Plan:
+    """What a run starts from (`resume`: None for step 0), and what `apply`
+    changes on disk first: folders to empty (`--overwrite`), or the step folders
+    past `rewind_after` to move aside."""
+
+    ckpt_dir: Path
+    resume: Path | None = None
+    clear: list[Path] = field(default_factory=list)
+    rewind_after: int | None = None
+
+    def apply(self) -> list[str]:
+        """Delete or move as planned; the lines to log about it."""
+        try:
+            for folder in self.clear:
+                for path in folder.iterdir():
+                    if _any_run(path):
+                        continue
+                    if path.is_dir() and not path.is_symlink():
+                        shutil.rmtree(path)
+                    else:
+                        path.unlink()
+            if self.rewind_after is None:
+                if self.resume is not None:  # true even after a crash mid-rewind
+                    ckpt.relink(self.ckpt_dir)
+                return []
+            moved = ckpt.set_aside(self.ckpt_dir, self.rewind_after)
+        except OSError as e:
+            raise CheckpointError(write_failure(e.filename or self.ckpt_dir, e)) from e
+        if moved is None:
+            return []
+        aside, names = moved
+        return [
+            f"rewound to step {self.rewind_after}: moved {_names(names)} to {aside} "
+            "(nothing deleted); latest and best now name what remains"
+        ]
+
+
+def plan_start(
+    ckpt_dir: Path,
+    log_dir: Path,
+    resume: str | None,
+    overwrite: bool,
+    rewind: bool,
+    warn,
+) -> Plan:
+    """What the run starts from; refuses (a `UserError`) a fresh start over an
+    existing run without `overwrite`, an `overwrite` of folders holding files a
+    run does not write, and a resume to an older checkpoint without `rewind`."""
     if resume:
-        return ckpt.resolve_resume(resume, ckpt_dir, warn=warn)
-    if existing and not overwrite:
+        return _plan_resume(ckpt_dir, resume, rewind, warn)
+    existing = ckpt.step_folders(ckpt_dir)
+    metrics = log_dir / LOG_FILES[0]
+    if not overwrite and existing:
         raise ConfigError(
             f"{ckpt_dir} already has checkpoints (newest {existing[-1].name}); "
             "pass --resume auto to continue it, --overwrite to start over, "
             "or pick another name with --set run_name=NAME"
         )
-    if overwrite:
-        for folder in (ckpt_dir, log_dir):
-            for path in folder.iterdir():
-                if path.name == ".lock":
-                    continue
-                if path.is_dir() and not path.is_symlink():
-                    shutil.rmtree(path)
-                else:
-                    path.unlink()
-    return None
+    if not overwrite and metrics.is_file() and metrics.stat().st_size:
+        raise ConfigError(
+            f"{log_dir} holds the logs of an earlier run ({metrics.name}) but "
+            f"{ckpt_dir} has no checkpoint to resume: pass --overwrite to start "
+            "over (deleting those logs), or pick another name with "
+            "--set run_name=NAME"
+        )
+    if not overwrite:
+        return Plan(ckpt_dir)
+    _refuse_strays(ckpt_dir, log_dir)
+    folders = list(dict.fromkeys([ckpt_dir.resolve(), log_dir.resolve()]))
+    return Plan(ckpt_dir, clear=folders)
+
+
+def _refuse_strays(ckpt_dir: Path, log_dir: Path) -> None:
+    """CheckpointError naming what in the run's folders a run does not write."""
+    if ckpt_dir.resolve() == log_dir.resolve():
+        found = ckpt.strays(ckpt_dir, lambda p: _any_run(p) or _log_file(p))
+    else:
+        found = ckpt.strays(ckpt_dir, _any_run)
+        found += [
+            p for p in sorted(log_dir.iterdir()) if not (_any_run(p) or _log_file(p))
+        ]
+    if not found:
+        return
+    shown = [f"{p}{'/' if p.is_dir() and not p.is_symlink() else ''}" for p in found]
+    more = f" and {len(found) - SHOWN} more" if len(found) > SHOWN else ""
+    raise CheckpointError(
+        f"--overwrite refused, nothing deleted: {len(found)} file(s) that a training "
+        f"run does not write: {', '.join(shown[:SHOWN])}{more}; move them away, or "
+        "start the run under another name with --set run_name=NAME"
+    )
+
+
+def _plan_resume(ckpt_dir: Path, resume: str, rewind: bool, warn) -> Plan:
+    path = ckpt.resolve_resume(resume, ckpt_dir, warn=warn)
+    try:
+        step = int(ckpt.read_meta(path)["step"])
+    except (KeyError, TypeError, ValueError) as e:
+        raise CheckpointError(f"{path}/meta.json has no step number") from e
+    newer = [p for p in ckpt.step_folders(ckpt_dir) if ckpt.step_of(p) > step]
+    if not newer:
+        return Plan(ckpt_dir, resume=path)
+    names = _names([p.name for p in newer])
+    if any(_verifies(p) for p in reversed(newer)):  # newest first: usually one
+        if not rewind:
+            raise ConfigError(
+                f"{path} is at step {step}, but {ckpt_dir} has later checkpoints "
+                f"({names}): training on from step {step} would abandon them. To do "
+                f"that, add --rewind (they are moved to {ckpt_dir}/{ckpt.ASIDE}<time>/"
+                ", nothing is deleted, and latest and best name what remains); to "
+                "continue the run instead, use --resume auto"
+            )
+    else:  # only damaged ones: moved out of the way, or a later save would collide
+        warn(
+            f"the damaged checkpoint folder(s) past step {step} ({names}) are moved aside"
+        )
+    return Plan(ckpt_dir, resume=path, rewind_after=step)
+
+
+def _names(names: list[str]) -> str:
+    """'step_a, step_b' or, for many, 'step_a ... step_z (40 folders)'."""
+    if len(names) <= SHOWN:
+        return ", ".join(names)
+    return f"{names[0]} ... {names[-1]} ({len(names)} folders)"
+
+
+def _verifies(path: Path) -> bool:
+    try:
+        ckpt.verify_checkpoint(path)
+    except CheckpointError:
+        return False
+    return True
+
+
+def check_steps_left(meta: dict, cfg: Config, path: Path) -> None:
+    """ConfigError when the checkpoint at `path` already reached the run's step
+    count: resuming would train nothing (a time budget keeps the checkpoint's)."""
+    step, t = int(meta.get("step", 0)), cfg.training
+    if t.time_budget_minutes > 0:
+        target = meta.get("config", {}).get("training", {}).get("max_steps") or 0
+        if target and step >= target:
+            raise ConfigError(
+                f"{path} is at step {step}, the end of its time budget "
+                f"(training.max_steps={target}): nothing left to train. To train "
+                "further, pass --set training.time_budget_minutes=0 --set "
+                f"training.max_steps=N with N above {step}"
+            )
+        return
+    if step >= t.max_steps:
+        where = "is" if step == t.max_steps else "is past"
+        raise ConfigError(
+            f"{path} is at step {step}, which {where} training.max_steps="
+            f"{t.max_steps}: nothing left to train. To train further, set "
+            f"training.max_steps above {step} (e.g. --set "
+            f"training.max_steps={2 * step})"
+        )
 
 
 # Keys that must not change across a resume: the saved tensors' shapes, the

@@ -1,14 +1,18 @@
 """One training run, from a config to an exit code: `train`.
 
-Order of work: check the output folders and take the run lock, decide what the
-run starts from (resume, refuse, start over), open the tokenizer and token files
-and check a resume target against the config (every user mistake is reported
-before any array is allocated), fix the step count of a time budget, assemble the
-model, optimizer and compiled step (`src.train.assembly`), restore the
-checkpoint into them, and hand everything to the loop (`src.train.trainer`).
-Logs go to logs/<run>/, checkpoints to checkpoints/<run>/step_<N>/.
+Order of work: check the output folders and lock both (checkpoints and logs),
+decide what the run starts from (resume, rewind, refuse, start over:
+`src.train.resume`), open the tokenizer and token files and check a resume
+target against the config; only then delete (`--overwrite`) or move aside
+(`--rewind`) what the plan says, so a refused run changes nothing. Every user
+mistake is reported before any array is allocated. Then fix the step count of a
+time budget, assemble the model, optimizer and compiled step
+(`src.train.assembly`), restore the checkpoint into them, hand everything to the
+loop (`src.train.trainer`), and write the report; one Ctrl-C or SIGTERM during
+the report lets it finish (a second Ctrl-C quits at once). Logs go to
+logs/<run>/, checkpoints to checkpoints/<run>/step_<N>/.
 
-Data-parallel: rank 0 alone takes the lock, reads (or clears) checkpoints and
+Data-parallel: rank 0 alone takes the locks, reads (or clears) checkpoints and
 writes logs; the others keep a `FollowerLog` and receive rank 0's state.
 """
 
@@ -27,14 +31,14 @@ from ..checkpoint.contents import open_checkpoint
 from ..config import Config
 from ..data.tokens import TokenLoader
 from ..errors import CheckpointError, ConfigError
-from ..files import check_writable
+from ..files import check_creatable, check_writable
 from ..tokenizer.spm import Tokenizer
 from . import budget
 from .assembly import Assembly, assemble
 from .distributed import ONE_PROCESS, Dist
-from .lock import RunLock
+from .lock import locked
 from .logbook import FollowerLog, RunLog
-from .resume import check_resume_compatible, resume_or_clear
+from .resume import check_resume_compatible, check_steps_left, plan_start
 from .signals import StopSignal
 from .trainer import Inputs, Start, Trainer
 
@@ -48,24 +52,39 @@ def train(
     resume: str | None = None,
     overwrite: bool = False,
     dist: Dist = ONE_PROCESS,
+    rewind: bool = False,
 ) -> int:
     """Run (or continue) the training run `cfg` describes; returns the exit code."""
+    started = time.monotonic()  # a time budget counts from here
     dist.local_accum(cfg.training.grad_accum_steps)  # a bad split: refused first
+    ckpt_dir = Path(cfg.checkpoint.dir) / cfg.run_name
+    log_dir = Path(cfg.logging.dir) / cfg.run_name
+    if dist.main:  # C11 in the first second, before the token files are scanned
+        for folder in (ckpt_dir, log_dir):
+            check_creatable(folder)
+    inputs = open_inputs(cfg)  # the data next: a wrong path creates no folder
     if not dist.main:  # ranks > 0 write nothing (and may not see rank 0's disk)
-        return _run(cfg, dist, FollowerLog(), None, None)
+        with StopSignal() as stop:
+            return _run(cfg, dist, FollowerLog(), None, None, inputs, stop, started)
     # Fail in the first second, not at the first save hours later (C11).
-    ckpt_dir = check_writable(Path(cfg.checkpoint.dir) / cfg.run_name)
-    log_dir = check_writable(Path(cfg.logging.dir) / cfg.run_name)
-    with RunLock(ckpt_dir):
-        resume_path = resume_or_clear(ckpt_dir, log_dir, resume, overwrite, _warn)
+    for folder in (ckpt_dir, log_dir):
+        check_writable(folder)
+    with locked(ckpt_dir, log_dir):  # all a run writes: one run at a time
+        plan = plan_start(ckpt_dir, log_dir, resume, overwrite, rewind, _warn)
+        inputs.resume_meta = check_resume(cfg, plan.resume, inputs.tokenizer, dist)
+        notes = plan.apply()  # every check passed: now delete or move aside
         log = RunLog(log_dir, cfg.logging.progress_bar)
-        code = _run(cfg, dist, log, ckpt_dir, resume_path)
-        report.after_training(log_dir, log)  # plot + report.md; only warns
+        for note in notes:
+            log.warn(note)
+        with StopSignal() as stop:  # also over the report: Ctrl-C lets it finish
+            code = _run(cfg, dist, log, ckpt_dir, plan.resume, inputs, stop, started)
+            stop.notice = "finishing the report (the run is saved)"
+            report.after_training(log_dir, log)  # plot + report.md; only warns
     return code
 
 
-def open_inputs(cfg: Config, resume_path: Path | None, dist: Dist) -> Inputs:
-    """The tokenizer, token files and resume target of a run, checked."""
+def open_inputs(cfg: Config) -> Inputs:
+    """The tokenizer and token files of a run, checked (no resume target yet)."""
     m = cfg.model
     tokenizer = Tokenizer.load(cfg.data.tokenizer_path)
     if tokenizer.vocab_size > m.vocab_size:
@@ -73,22 +92,31 @@ def open_inputs(cfg: Config, resume_path: Path | None, dist: Dist) -> Inputs:
             f"model.vocab_size={m.vocab_size} is smaller than the tokenizer's "
             f"vocabulary ({tokenizer.vocab_size}, {cfg.data.tokenizer_path})"
         )
-    meta = None
-    if resume_path is not None:
-        meta = store.read_meta(resume_path)
-        check_resume_compatible(meta, cfg, tokenizer.sha256, dist.world)
     sha = tokenizer.sha256  # token files made with another tokenizer: refused
     return Inputs(
         tokenizer,
         TokenLoader(cfg.data.train_path, m.context_length, m.vocab_size, sha),
         TokenLoader(cfg.data.val_path, m.context_length, m.vocab_size, sha),
-        meta,
+        None,
     )
+
+
+def check_resume(
+    cfg: Config, path: Path | None, tokenizer: Tokenizer, dist: Dist
+) -> dict | None:
+    """The meta of the checkpoint at `path` (None: a fresh start), refused when
+    the run changed what it depends on or has nothing left to train."""
+    if path is None:
+        return None
+    meta = store.read_meta(path)
+    check_resume_compatible(meta, cfg, tokenizer.sha256, dist.world)
+    check_steps_left(meta, cfg, path)
+    return meta
 
 
 def restore(parts: Assembly, path: Path | None, log: RunLog) -> Start:
     """Load the checkpoint at `path`, verified when it was chosen
-    (`resume_or_clear`), into the assembled model and optimizer (in place); where
+    (`plan_start`), into the assembled model and optimizer (in place); where
     the run starts. Nothing to load: step 0."""
     if path is None:
         return Start(0, math.inf)
@@ -112,17 +140,17 @@ def _run(
     log: RunLog,
     ckpt_dir: Path | None,
     resume_path: Path | None,
+    inputs: Inputs,
+    stop: StopSignal,
+    started: float,
 ) -> int:
-    started = time.monotonic()  # a time budget counts from here
-    inputs = open_inputs(cfg, resume_path, dist)
-    with StopSignal() as stop:
-        if cfg.training.time_budget_minutes > 0:  # before the schedule is built
-            elapsed = time.monotonic() - started
-            log.info(budget.fix_max_steps(cfg, inputs.resume_meta, dist, elapsed))
-        parts = assemble(cfg, dist.group)
-        start = restore(parts, resume_path, log)
-        step = dist.broadcast_state(parts.model, parts.optimizer, start.step)
-        start = Start(step, start.best)
-        mx.eval(parts.model.parameters(), parts.optimizer.state)
-        trainer = Trainer(cfg, parts, inputs, log, ckpt_dir, dist, stop, start)
-        return trainer.run()
+    if cfg.training.time_budget_minutes > 0:  # before the schedule is built
+        elapsed = time.monotonic() - started
+        log.info(budget.fix_max_steps(cfg, inputs.resume_meta, dist, elapsed))
+    parts = assemble(cfg, dist.group)
+    start = restore(parts, resume_path, log)
+    step = dist.broadcast_state(parts.model, parts.optimizer, start.step)
+    start = Start(step, start.best)
+    mx.eval(parts.model.parameters(), parts.optimizer.state)
+    trainer = Trainer(cfg, parts, inputs, log, ckpt_dir, dist, stop, start)
+    return trainer.run()

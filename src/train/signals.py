@@ -4,6 +4,7 @@ so the last committed one stays valid)."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import sys
@@ -15,17 +16,19 @@ class StopSignal:
 
     def __init__(self):
         self.requested = False
+        self.notice = "saving at the end of this step"  # what a signal will do now
         self._old = {}
 
     def _handle(self, signum, frame):
         if self.requested and signum == signal.SIGINT:
             os._exit(130)  # checkpoints are atomic: the last committed one is intact
         self.requested = True
-        print(
-            f"\nreceived {signal.Signals(signum).name}: saving at the end of this step "
-            "(Ctrl-C again to quit now)",
-            file=sys.stderr,
-        )
+        with contextlib.suppress(OSError):  # a closed console: raised at any line
+            print(
+                f"\nreceived {signal.Signals(signum).name}: {self.notice} "
+                "(Ctrl-C again to quit now)",
+                file=sys.stderr,
+            )
 
     def __enter__(self):
         for sig in (signal.SIGINT, signal.SIGTERM):

@@ -6,7 +6,12 @@ checkpoint folder and the data-parallel place of this process. Each step draws i
 batch and its random seed from (seed, step), so a resumed run repeats the
 uninterrupted one exactly; steps stay lazy `StepRecord`s until the next logging
 boundary, so the loop syncs with the device once per step and reads values only
-when it logs. SIGINT/SIGTERM (`StopSignal`) save at the next step boundary.
+when it logs (and each step's ok flag, already evaluated with the step, for the
+non-finite guard's limit). SIGINT/SIGTERM (`StopSignal`) save at the next step
+boundary, after the validation that step owes, so a checkpoint never lacks it.
+A log, sample or config copy that cannot be written stops the run the same way
+(the step reached is saved), with one `error:` line naming the file; a sample
+prompt that fails is only a warning.
 """
 
 from __future__ import annotations
@@ -26,6 +31,7 @@ from ..checkpoint.contents import build_meta
 from ..cli import fmt_bytes
 from ..config import Config, dump_config
 from ..data.tokens import TokenLoader
+from ..errors import DataError
 from ..eval.evaluator import Evaluator
 from ..inference.generate import generate_tokens
 from ..tokenizer.spm import Tokenizer
@@ -79,6 +85,8 @@ class Trainer:
             inputs.val_data, t.batch_size, cfg.eval.max_tokens, inputs.tokenizer.decode
         )
         self.consecutive_bad = 0  # non-finite steps in a row
+        self.failure_told = False  # the log's failure is said once
+        self.saved = self.start  # the newest step on disk (a resume starts there)
 
     # ------------------------------------------------------------------ setup
 
@@ -113,22 +121,37 @@ class Trainer:
     # ------------------------------------------------------------------- loop
 
     def run(self) -> int:
-        """Train from the start step to `max_steps` (or a stop); the exit code."""
+        """Train from the start step to `max_steps` (or a stop); the exit code:
+        0 finished, or stopped by a signal (saved);
+        1 stopped by the non-finite guard (`training.max_consecutive_skips` steps
+          in a row; nothing saved after the last good checkpoint);
+        2 a log file could not be written (metrics.jsonl, train.log, config.yaml,
+          a sample row: a full disk, an I/O error), or a token file changed in
+          place under the run: the step reached is saved, `--resume auto`
+          continues once the cause is fixed."""
         self.announce()
         self.log.truncate_after(self.start)
+        if self.log.failure:  # nothing trained yet, so nothing to save
+            self.log.error(f"{self.log.failure}; stopping before the first step")
+            return 2
         cfg, t = self.cfg, self.cfg.training
         bar = self.log.progress(self.start, t.max_steps)
         pending: list[StepRecord] = []
         meter = _Meter(self.start)
         step, stopping = self.start, False
         while step < t.max_steps and not stopping:
-            record, stop = self._step(step)
-            stopping = self._stopping(stop)
+            try:
+                record, stop = self._step(step)
+            except DataError as exc:  # read before the step used it: `step` is whole
+                return self._stop_on_data(exc, step, pending, meter, bar)
             if step == self.start:  # the first step's buffers are reused from now on
                 policy.keep_step_buffers()
             step += 1
             bar.update(1)
             pending.append(record)
+            if self._too_many_skips(record):  # checked every step, before any save
+                self._flush(step, pending, meter, bar)
+                return self._stop_non_finite(step)
 
             final = step == t.max_steps
             eval_now = final or (cfg.eval.interval and step % cfg.eval.interval == 0)
@@ -136,19 +159,25 @@ class Trainer:
                 cfg.checkpoint.interval and step % cfg.checkpoint.interval == 0
             )
             if step % cfg.logging.interval == 0 or eval_now or save_now:
-                if not self._flush(step, pending, meter, bar):
-                    return 1
-            metric = None
-            if eval_now and not stopping:  # a stop saves without eval
-                metric = self._evaluate(step)
+                self._flush(step, pending, meter, bar)
+            # A stop at an eval step validates first: its checkpoint keeps the
+            # val_loss (a resume starts after it, so it would never be run).
+            try:
+                metric = self._evaluate(step) if eval_now else None
+            except DataError as exc:  # the validation file changed under the run
+                return self._stop_on_data(exc, step, pending, meter, bar)
             stopping = self._stopping(stop)  # one process: also a signal during eval
             if save_now or stopping:
-                if not self._flush(step, pending, meter, bar):
-                    return 1
+                self._flush(step, pending, meter, bar)
+                self._tell_log_failure(step)  # before the save, which may fail too
                 self._save(step, metric)
             if eval_now or save_now:
                 meter.restart(step)  # keep eval/save out of tokens/s
         bar.close()
+        if self.log.failure:  # e.g. train.log failed while the last step was saved
+            self._tell_log_failure(step)
+            self.log.info(f"--resume auto continues from step {step} once it can write")
+            return 2
         if stopping:
             self.log.info(f"stopped by signal; saved step {step}")
         return 0
@@ -165,64 +194,107 @@ class Trainer:
         loss, grad_norm, ok = self.parts.train_step(mx.array(batch, dtype=mx.int32))
         lr = self.parts.optimizer.current_lr
         # Ranks must stop at the same step: the flags they had when the step
-        # began are summed with it (no extra sync); see _stopping.
-        stop = self.dist.any(self.stop.requested)
+        # began are summed with it (no extra sync); see _stopping. Rank 0's log
+        # failing stops them all, like a signal.
+        stop = self.dist.any(self.stop.requested or self.log.failure is not None)
         state = (self.parts.model.state, self.parts.optimizer.state)
         mx.eval(state, loss, grad_norm, ok, lr, stop)
         return StepRecord(step + 1, loss, grad_norm, ok, lr), stop
 
     def _stopping(self, stop: mx.array) -> bool:
         """Whether to save and stop now. Ranks use the flags summed with the step;
-        one process also takes a signal that came during the step at once."""
-        return self.stop.requested if self.dist.world == 1 else stop.item()
+        one process also takes a signal that came during the step, or a log
+        write that failed, at once."""
+        if self.dist.world == 1:
+            return self.stop.requested or self.log.failure is not None
+        return stop.item()
 
-    def _flush(self, step: int, pending: list, meter: _Meter, bar: tqdm) -> bool:
-        """Write the buffered step rows (and empty `pending`); False when too many
-        steps in a row failed."""
-        if not pending:
-            return True
-        t = self.cfg.training
-        tps = self.tokens_per_step * meter.steps_per_s(step)
-        self.consecutive_bad = self.log.flush_steps(
-            pending, tps, self.consecutive_bad, t.spike_factor, bar
+    def _too_many_skips(self, record: StepRecord) -> bool:
+        """Count non-finite steps in a row; True at the limit. `ok` was evaluated
+        with the step (and is the same on every rank): reading it does not wait."""
+        self.consecutive_bad = 0 if record.ok.item() else self.consecutive_bad + 1
+        return self.consecutive_bad >= self.cfg.training.max_consecutive_skips
+
+    def _stop_non_finite(self, step: int) -> int:
+        n, limit = self.consecutive_bad, self.cfg.training.max_consecutive_skips
+        self.log.error(
+            f"stopping at step {step}: {n} consecutive steps with a non-finite loss "
+            f"or gradient (steps {step - n + 1}-{step}; training.max_consecutive_"
+            f"skips={limit}); nothing saved after the last checkpoint; lower the "
+            "learning rate or check the data"
         )
+        return 1
+
+    def _stop_on_data(
+        self, exc: DataError, step: int, pending: list, meter: _Meter, bar: tqdm
+    ) -> int:
+        """A token file changed in place under the run (the loader refuses to read
+        unchecked ids): save the step reached, say why, exit 2. Ranks may meet it
+        at different steps, so there the job fails as when a rank dies."""
+        if self.dist.world > 1:
+            raise exc
+        self._flush(step, pending, meter, bar)
+        bar.close()
+        try:
+            if step > self.saved:
+                self._save(step, None)
+        finally:  # the last line, even when the save fails too
+            self.log.error(f"{exc}; stopping at step {step} (saved)")
+        return 2
+
+    def _tell_log_failure(self, step: int) -> None:
+        """If a log write failed, say so once: the one `error:` line of the run."""
+        if self.log.failure and not self.failure_told:
+            self.failure_told = True
+            self.log.error(f"{self.log.failure}; stopping at step {step}")
+
+    def _flush(self, step: int, pending: list, meter: _Meter, bar: tqdm) -> None:
+        """Write the buffered step rows (and empty `pending`)."""
+        if not pending:
+            return
+        tps = self.tokens_per_step * meter.steps_per_s(step)
+        self.log.flush_steps(pending, tps, self.cfg.training.spike_factor, bar)
         pending.clear()
         meter.restart(step)
-        if self.consecutive_bad >= t.max_consecutive_skips:
-            self.log.error(
-                f"stopping: {self.consecutive_bad} consecutive steps with a non-finite "
-                f"loss or gradient (up to step {step}); lower the learning rate "
-                "or check the data"
-            )
-            return False
-        return True
 
     def _evaluate(self, step: int) -> float:
         model = self.parts.model
         model.eval()
-        result = self.evaluator(self.parts.eval_fn, self.dist.rank, self.dist.world)
-        model.train()
+        try:
+            result = self.evaluator(self.parts.eval_fn, self.dist.rank, self.dist.world)
+        finally:
+            model.train()
         self.log.eval_row(step, result.as_dict())
+        if not (self.cfg.eval.sample_tokens and self.dist.main):
+            return result.loss
         for prompt in self.cfg.eval.sample_prompts:
-            if self.cfg.eval.sample_tokens and self.dist.main:
-                self.log.sample(step, prompt, self.sample(prompt))
+            try:
+                text = self.sample(prompt)
+            except Exception as exc:  # a sample is a courtesy: never lose a step to it
+                self.log.warn(
+                    f"step {step}: no sample for the prompt {prompt[:60]!r}: "
+                    f"{type(exc).__name__}: {exc}"
+                )
+                continue
+            self.log.sample(step, prompt, text)
         return result.loss
 
     def sample(self, prompt: str) -> str:
         """A continuation of `prompt` with the run's sampling settings."""
         e, tok, model = self.cfg.eval, self.inputs.tokenizer, self.parts.model
         model.eval()
-        out = generate_tokens(
-            model,
-            tok.encode(prompt),
-            e.sample_tokens,
-            e.temperature,
-            seed=self.cfg.training.seed,
-            eos_id=tok.eos_id,
-        )
-        text = tok.decode(list(out))
-        model.train()
-        return text
+        try:  # dropout back on whatever happens: training goes on after a sample
+            out = generate_tokens(
+                model,
+                tok.encode(prompt),
+                e.sample_tokens,
+                e.temperature,
+                seed=self.cfg.training.seed,
+                eos_id=tok.eos_id,
+            )
+            return tok.decode(list(out))
+        finally:
+            model.train()
 
     def _save(self, step: int, metric: float | None) -> None:
         cfg, model = self.cfg, self.parts.model
@@ -254,6 +326,7 @@ class Trainer:
             keep_last=cfg.checkpoint.keep_last,
             metric=metric,
         )
+        self.saved = step
         self.log.info(f"saved {path}")
         self.dist.barrier()  # a failed save fails every rank, not only rank 0
 

@@ -1,0 +1,31 @@
+"""The documents that promise behaviour name the tests that hold them to it:
+every test named in docs/FAULTS.md exists, and every fault row names one."""
+
+import ast
+import re
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _test_names() -> set[str]:
+    names = set()
+    for path in (ROOT / "tests").glob("test_*.py"):
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if isinstance(node, ast.FunctionDef) and node.name.startswith("test_"):
+                names.add(node.name)
+    return names
+
+
+def test_every_fault_row_names_tests_that_exist():
+    text = (ROOT / "docs" / "FAULTS.md").read_text(encoding="utf-8")
+    rows = [
+        line for line in text.splitlines() if re.match(r"\| [A-Z]\d+[a-z]? \|", line)
+    ]
+    assert len(rows) >= 40, "the fault tables lost rows"
+    known = _test_names()
+    for row in rows:
+        named = re.findall(r"`(test_\w+)`", row)
+        assert named, f"a fault row without a test: {row[:80]}"
+        missing = [n for n in named if n not in known]
+        assert not missing, f"{row.split('|')[1].strip()}: no such test {missing}"
