@@ -39,9 +39,14 @@ def write_bytes(path: str | Path, data: bytes) -> None:
 
 
 @contextlib.contextmanager
-def atomic_file(path: str | Path, mode: str = "wb") -> Iterator:
+def atomic_file(
+    path: str | Path, mode: str = "wb", *, replace: bool = True
+) -> Iterator:
     """Yield a temp file next to `path`; on a clean exit fsync it and rename it over
-    `path`, on an exception delete it: readers never see half a file."""
+    `path`, on an exception delete it: readers never see half a file. With
+    `replace=False` an existing `path` is never replaced, even one made while the
+    file was written: the temp file is hard-linked to `path` (which fails if it
+    exists: FileExistsError) instead of renamed over it."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
@@ -51,7 +56,11 @@ def atomic_file(path: str | Path, mode: str = "wb") -> Iterator:
             yield f
             f.flush()
             os.fsync(f.fileno())
-        os.replace(tmp, path)
+        if replace:
+            os.replace(tmp, path)
+        else:
+            os.link(tmp, path)
+            os.unlink(tmp)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)

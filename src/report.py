@@ -140,23 +140,26 @@ def write_report(log_dir: str | Path, plot: bool = True) -> Path:
     return path
 
 
-def after_training(log_dir: Path, log) -> Path | None:
+def after_training(log_dir: Path, log) -> str | None:
     """For the trainer's end: write the plot and report.md, saying where via
-    `log.info`; any failure is only a `log.warn` (the run itself is saved).
-    Nothing when the run's own log could not be written (`log.failure`): the
-    trainer has said so, and the logs are incomplete."""
+    `log.info`. A write that fails (a full disk...) is an `log.error` and is
+    returned, so the run exits non-zero (its checkpoint is saved already); a
+    bug in plotting is only a warning. Nothing when the run's own log could not
+    be written (`log.failure`): the trainer has said so, and the logs are
+    incomplete."""
     if getattr(log, "failure", None):
         return None
     try:
         path = write_report(log_dir)
     except PlotError as e:  # says what failed in user terms (e.g. a full disk)
-        log.warn(f"no report for {log_dir}: {e}")
-        return None
+        failure = f"no report for {log_dir}: {e}"
+        log.error(failure)
+        return failure
     except Exception as e:  # a broken plot must never fail a finished run
         log.warn(f"no report for {log_dir}: {type(e).__name__}: {e}")
         return None
     log.info(f"report: {path} (plot: {path.parent / DEFAULT_PNG})")
-    return path
+    return None
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -27,7 +27,7 @@ from src.checkpoint.store import (
     save_checkpoint,
     verify_checkpoint,
 )
-from src.files import check_writable
+from src.files import atomic_file, check_creatable, check_writable
 from src.train.lock import RunLock
 
 REPO = Path(__file__).resolve().parents[1]
@@ -278,6 +278,34 @@ def test_disk_full_during_save(tmp_path, monkeypatch, fail):
     assert find_latest_valid(tmp_path, warn=pytest.fail) == first
     assert os.readlink(tmp_path / "latest") == first.name
     assert tmp_dirs(tmp_path) == [] and not (tmp_path / "step_00000002").exists()
+
+
+def test_atomic_file_whole_or_absent_and_never_replacing(tmp_path):
+    """A failed write leaves nothing; replace=False never replaces a file, even
+    one made while the temp file was written."""
+    path = tmp_path / "out.bin"
+    with pytest.raises(OSError, match="the disk went away"):
+        with atomic_file(path) as f:
+            f.write(b"half")
+            raise OSError("the disk went away")
+    assert list(tmp_path.iterdir()) == []
+    with atomic_file(path, replace=False) as f:
+        f.write(b"first")
+    with pytest.raises(FileExistsError):
+        with atomic_file(path, replace=False) as f:
+            f.write(b"second")
+    assert path.read_bytes() == b"first" and list(tmp_path.iterdir()) == [path]
+    with atomic_file(path) as f:  # the default replaces, atomically
+        f.write(b"third")
+    assert path.read_bytes() == b"third" and list(tmp_path.iterdir()) == [path]
+
+
+def test_check_creatable_creates_nothing(tmp_path):
+    assert check_creatable(tmp_path / "a" / "b") == tmp_path / "a" / "b"
+    assert list(tmp_path.iterdir()) == []
+    (tmp_path / "afile").write_text("x")
+    with pytest.raises(CheckpointError, match="afile is not a folder"):
+        check_creatable(tmp_path / "afile" / "sub")
 
 
 def test_check_writable(tmp_path):

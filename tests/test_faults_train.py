@@ -151,7 +151,7 @@ def test_item6_full_log_disk_saves_and_stops(tmp_path, tiny_dataset, name):
     (line,) = errors(trainer.stderr)
     assert str(target) in line and "disk full" in line, line
     (step,) = saved_steps(tmp_path)
-    assert 5 < step < 3000 and f"step {step}" in line, (step, line)
+    assert 5 <= step < 3000 and f"step {step}" in line, (step, line)
     assert meta(tmp_path, step)["step"] == step
     assert not (tmp_path / "logs" / RUN / "report.md").exists()  # logs incomplete
 
@@ -186,6 +186,34 @@ def test_item6_unwritable_log_before_training(tmp_path, tiny_dataset):
     assert str(log) in line and "disk full" in line and "first step" in line, line
     assert saved_steps(tmp_path) == [10]
     assert [r["step"] for r in rows(tmp_path)][-1] == 10
+
+
+# The trainer with the disk full when report.md is written (after the last save).
+REPORT_DISK_FULL = """
+import errno, runpy, sys
+from src import report
+real = report.atomic_file
+def full(path, *args, **kwargs):
+    if str(path).endswith("report.md"):
+        raise OSError(errno.ENOSPC, "No space left on device", str(path))
+    return real(path, *args, **kwargs)
+report.atomic_file = full
+sys.argv[0] = "src.train"
+runpy.run_module("src.train", run_name="__main__", alter_sys=True)
+"""
+
+
+def test_item6_report_disk_full_after_the_save(tmp_path, tiny_dataset):
+    """Item 6: the report (written after the final save) hits a full disk: the
+    run is saved and complete, one `error:` names report.md and the full disk,
+    and the exit status is non-zero."""
+    argv = train_cmd(tmp_path, tiny_dataset, training__max_steps=10)
+    proc = run([sys.executable, "-c", REPORT_DISK_FULL, *argv[3:]])
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    (line,) = errors(proc.stderr)
+    assert "report.md" in line and "disk full" in line, line
+    assert saved_steps(tmp_path) == [10]
+    assert not (tmp_path / "logs" / RUN / "report.md").exists()
 
 
 def test_item6_closed_console_does_not_stop_the_run(tmp_path, tiny_dataset):

@@ -82,7 +82,7 @@ def test_training_ends_with_the_report(logs):
     assert f"report: {logs / 'report.md'}" in (logs / "train.log").read_text()
 
 
-def test_a_failing_report_only_warns(tmp_path):
+def test_a_failing_report_is_an_error_a_broken_plot_a_warning(tmp_path, monkeypatch):
     class Log:
         def __init__(self):
             self.lines = []
@@ -93,9 +93,23 @@ def test_a_failing_report_only_warns(tmp_path):
         def warn(self, msg):
             self.lines.append(f"warning: {msg}")
 
+        def error(self, msg):
+            self.lines.append(f"error: {msg}")
+
     log = Log()
-    assert report.after_training(tmp_path / "missing", log) is None
-    assert log.lines[0].startswith("warning: no report for") and len(log.lines) == 1
+    failure = report.after_training(tmp_path / "missing", log)
+    assert failure and failure.startswith("no report for")
+    assert log.lines == [f"error: {failure}"]
+
+    def broken(*args, **kwargs):
+        raise ZeroDivisionError("a bug in plotting")
+
+    monkeypatch.setattr(report, "write_report", broken)
+    log = Log()
+    assert report.after_training(tmp_path, log) is None
+    assert log.lines == [
+        f"warning: no report for {tmp_path}: ZeroDivisionError: a bug in plotting"
+    ]
 
 
 def test_plot_and_report_on_tiny_run(logs, capsys):

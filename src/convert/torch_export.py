@@ -45,8 +45,10 @@ def to_torch(path, out, dtype: str = "fp32") -> Path:
     }
     check_writable(out.parent)
     try:
-        with atomic_file(out) as f:
+        with atomic_file(out, replace=False) as f:
             torch.save(payload, f)  # reports I/O failures as RuntimeError
+    except FileExistsError:
+        raise ConvertError(f"{out} appeared while exporting; it was kept") from None
     except (OSError, RuntimeError) as e:
         raise ConvertError(write_failure(out, e)) from None
     return out

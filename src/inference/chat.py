@@ -129,7 +129,7 @@ class Chat:
         if os.path.lexists(path):
             raise FileExistsError(f"{path} already exists; /save to a new file")
         lines = [f"[{role}] {text}" for role, text in self.transcript]
-        with atomic_file(path, "w") as f:
+        with atomic_file(path, "w", replace=False) as f:
             f.write("\n".join(lines) + "\n")
 
 

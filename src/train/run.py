@@ -79,7 +79,8 @@ def train(
         with StopSignal() as stop:  # also over the report: Ctrl-C lets it finish
             code = _run(cfg, dist, log, ckpt_dir, plan.resume, inputs, stop, started)
             stop.notice = "finishing the report (the run is saved)"
-            report.after_training(log_dir, log)  # plot + report.md; only warns
+            if report.after_training(log_dir, log) and code == 0:
+                code = 2  # the run is saved, but a report could not be written
     return code
 
 
