@@ -35,8 +35,10 @@ def test_fp32_matmul_is_fast():
             t = time.perf_counter()
             mx.eval(a @ b)
             times.append(time.perf_counter() - t)
-    gflops = 2 * 1024**3 / sorted(times)[len(times) // 2] / 1e9
-    assert gflops > 50, f"{gflops:.1f} GFLOP/s: the reference BLAS is in use"
+    gflops = 2 * 1024**3 / sorted(times)[0] / 1e9  # the best: other work may run
+    # The reference BLAS does ~6 GFLOP/s on one core; OpenBLAS 60-300 on 2 cores.
+    # 20 tells them apart even when the machine is busy with other tests.
+    assert gflops > 20, f"{gflops:.1f} GFLOP/s: the reference BLAS is in use"
 
 
 @linux_only

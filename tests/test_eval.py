@@ -4,6 +4,7 @@
 
 import json
 import math
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -178,8 +179,8 @@ def test_cli_compare(run, tiny_corpus, capsys):
         ("garbage_bin", "not a token file"),
         ("short_text", "fewer than context_length + 1"),
         ("empty_text", "no text in it"),
-        ("not_a_checkpoint", "incomplete checkpoint"),
-        ("run_folder", "is a run folder: pass"),
+        ("not_a_checkpoint", "neither a checkpoint (no meta.json) nor a run folder"),
+        ("links_gone", "holds checkpoints but no best or latest link: pass one"),
     ],
 )
 def test_cli_user_mistakes(run, capsys, tmp_path, case, message):
@@ -196,8 +197,10 @@ def test_cli_user_mistakes(run, capsys, tmp_path, case, message):
         (data := tmp_path / "x.txt").write_text("Once upon a time.\n")
     elif case == "empty_text":
         (data := tmp_path / "x.txt").write_text("\n<|endoftext|>\n")
-    elif case == "run_folder":
-        ck = run["ck"]
+    elif case == "links_gone":  # e.g. the rewound-* folder of a rewind
+        ck = tmp_path / "aside"
+        target = (run["ck"] / "latest").resolve()
+        shutil.copytree(target, ck / target.name)
     elif case == "not_a_checkpoint":
         (ck := tmp_path / "empty").mkdir()
     code, out, err = cli(capsys, "--checkpoint", ck, "--data", data)

@@ -2,8 +2,9 @@
 (`build_meta`) and the one way back to a config, weights, model and tokenizer
 (`open_checkpoint`, `load_model`), for inference, evaluation, export and resume.
 
-A checkpoint is named by its folder (`checkpoints/<run>/step_00000500`) or a link
-to one (`.../best`, `.../latest`); a run folder is refused with the names to use.
+A checkpoint is named by its folder (`checkpoints/<run>/step_00000500`), a link
+to one (`.../best`, `.../latest`), or its run folder (`checkpoints/<run>`), which
+means its `best` checkpoint, else its `latest` (one stderr line says which).
 """
 
 from __future__ import annotations
@@ -36,22 +37,46 @@ def build_meta(cfg: Config, tokenizer_sha256: str | None, **fields) -> dict:
     }
 
 
+RUN_LINKS = ("best", "latest")  # what a run folder means, in order of choice
+
+
 def locate(path: str | Path, verify: bool = True) -> Path:
-    """The checkpoint folder `path` names (a link is followed), its checksums
-    verified unless `verify` is False; CheckpointError when there is none, or
-    when `path` is a run folder."""
+    """The checkpoint folder `path` names (a link is followed; a run folder means
+    its `best`, else its `latest`, said on stderr), its checksums verified unless
+    `verify` is False; CheckpointError when there is none, saying what to pass."""
     p = Path(path)
     if not p.is_dir():
         raise CheckpointError(f"{p}: no such checkpoint folder")
     if not (p / "meta.json").exists():
-        if (p / "latest").exists():
-            raise CheckpointError(f"{p} is a run folder: pass {p}/best or {p}/latest")
-        if found := store.list_checkpoints(p):  # e.g. the rewound-* of a rewind
-            raise CheckpointError(f"{p} holds checkpoints: pass one, e.g. {found[-1]}")
+        p = _in_run_folder(p)
     p = p.resolve()
     if verify:
         store.verify_checkpoint(p)
     return p
+
+
+def _in_run_folder(p: Path) -> Path:
+    """The checkpoint a folder without meta.json stands for: its `best` or
+    `latest` link (a run folder), or `p` itself when it looks like a damaged
+    checkpoint (COMMIT present), for verification to name what is missing."""
+    for name in RUN_LINKS:
+        if (p / name / "meta.json").exists():
+            step = store.step_of((p / name).resolve())
+            at = f" (step {step})" if step is not None else ""
+            print(f"using {p / name}{at}", file=sys.stderr)
+            return p / name
+    if found := store.list_checkpoints(p):  # e.g. the rewound-* of a rewind
+        raise CheckpointError(
+            f"{p} holds checkpoints but no best or latest link: pass one, "
+            f"e.g. {found[-1]}"
+        )
+    if (p / store.COMMIT).exists():
+        return p
+    raise CheckpointError(
+        f"{p}: neither a checkpoint (no meta.json) nor a run folder (no best or "
+        "latest link): pass a checkpoint folder, e.g. checkpoints/<run>/best or "
+        "checkpoints/<run>/step_00000500, or a run folder, e.g. checkpoints/<run>"
+    )
 
 
 @dataclass

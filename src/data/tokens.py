@@ -168,7 +168,10 @@ def _open(path: Path) -> int:
     try:  # O_NONBLOCK: opening a FIFO must not wait for a writer
         fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
     except (FileNotFoundError, NotADirectoryError):
-        raise DataError(f"{path}: token file not found") from None
+        raise DataError(
+            f"{path}: token file not found; make it with `python -m src.data "
+            f"prepare --input TEXT --tokenizer TOKENIZER --output {path.parent}`"
+        ) from None
     if not stat.S_ISREG(os.fstat(fd).st_mode):
         os.close(fd)
         raise DataError(f"{path}: not a file (a token file is a .bin file)")

@@ -6,7 +6,8 @@ new user turn). When the context would overflow, the system prompt and the most
 recent tokens are kept and the cache is rebuilt from them (RoPE positions
 change, so it cannot be shifted in place). Ctrl-C stops a reply, Ctrl-D leaves.
 A line that is not valid UTF-8 is refused with a message; the conversation goes
-on. /save writes a new file, never over one.
+on. /save writes a new file, never over one. The CLI's --prompt, if any, is the
+first message.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import dataclasses
 import io
 import os
 import sys
+from collections.abc import Sequence
 
 import mlx.core as mx
 
@@ -198,8 +200,11 @@ def repl(
     template: str = "auto",
     inp=input,
     out=sys.stdout,
+    first: Sequence[str] = (),
 ) -> int:
-    """Read lines until /quit or end of input; return the exit status."""
+    """Read lines until /quit or end of input; return the exit status. The
+    lines of `first` (the CLI's --prompt) come before the input's, shown after
+    the `>>> ` prompt as if typed."""
     try:
         import readline  # noqa: F401  (line editing and history for input())
     except ImportError:
@@ -212,9 +217,14 @@ def repl(
         model, tokenizer, sampling, pick_template(template, tokenizer, meta), out
     )
     print(f"[{chat.t.name} template, context {chat.context}; /help]", file=out)
+    queued = list(first)
     while True:
         try:
-            line = inp(">>> ")
+            if queued:
+                line = queued.pop(0)
+                print(f">>> {line}", file=out)
+            else:
+                line = inp(">>> ")
         except EOFError:
             print(file=out)
             return 0

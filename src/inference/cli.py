@@ -2,8 +2,10 @@
 
     python -m src.inference --checkpoint checkpoints/<run>/best --prompt "Once"
     python -m src.inference --checkpoint DIR --prompts-file P.txt --output out.jsonl
-    python -m src.inference --checkpoint DIR --interactive
+    python -m src.inference --checkpoint DIR --interactive [--prompt "Hi"]
 
+--checkpoint takes a checkpoint folder or a run folder (its best, else latest,
+checkpoint). Without --seed, sampling takes a random seed and prints it on stderr.
 The checkpoint folder is self-contained: its meta.json holds the model config and
 its tokenizer/ folder the tokenizer. Layer 3 of three: this CLI and the REPL
 (`chat`) sit on `streaming` (text), which sits on `generate` (tokens).
@@ -52,12 +54,17 @@ def prepare(model: nn.Module, dtype: str | None, bits: int | None) -> nn.Module:
 
 
 def one_shot(model, tokenizer, prompt: str, s: Sampling, stats: Stats) -> None:
-    """Print the prompt, then stream its completion to stdout."""
+    """Print the prompt, then stream its completion to stdout; Ctrl-C ends the
+    line of what was printed, then goes on up (`cli.run`: `interrupted`, 130)."""
     ids = prompt_ids(tokenizer, prompt, model.config.context_length, s)
     print(prompt, end="", flush=True)
-    run_rows(
-        model, tokenizer, [ids], s, stats, lambda _, t: print(t, end="", flush=True)
-    )
+    try:
+        run_rows(
+            model, tokenizer, [ids], s, stats, lambda _, t: print(t, end="", flush=True)
+        )
+    except KeyboardInterrupt:
+        print(flush=True)
+        raise
     print()
 
 
@@ -82,7 +89,8 @@ def build_parser() -> argparse.ArgumentParser:
          "default stdout. Ctrl-C keeps the results made so far")  # fmt: skip
     mode("--batch-size", type=cli.positive_int, default=8, metavar="N",
          help="consecutive prompts generated together (default 8)")  # fmt: skip
-    mode("--interactive", action="store_true", help="chat REPL (streaming)")
+    mode("--interactive", action="store_true", help="chat REPL (streaming); "
+         "a --prompt is its first message")  # fmt: skip
     mode("--template", choices=("auto", "chat", "plain"), default="auto",
          help="REPL turn format: chat markers, plain continuation, or auto = chat "
          "if meta.json has chat_template: true (default auto)")  # fmt: skip
@@ -115,10 +123,12 @@ def generate(args: argparse.Namespace) -> int:
     model, tokenizer, meta = load_model(args.checkpoint, args.tokenizer)
     prepare(model, args.dtype, args.quantize)
     mx.reset_peak_memory()
+    if args.seed is None and s.temperature > 0:  # a random one: say it
+        print(f"seed {s.seed} (pass --seed {s.seed} to reproduce)", file=sys.stderr)
     if args.interactive:
         from .chat import repl
 
-        return repl(model, tokenizer, meta, s, args.template)
+        return repl(model, tokenizer, meta, s, args.template, first=args.prompt)
     if prompts is not None:
         return complete_file(
             model, tokenizer, prompts, s, args.batch_size, args.output, args.stats

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import secrets
 from collections.abc import Callable
 from dataclasses import dataclass, field, fields
 from typing import NamedTuple
@@ -201,6 +202,9 @@ def make_processors(s: Sampling) -> list[Processor]:
 # --------------------------------------------------------------------- CLI flags
 
 
+ALIASES = {"--temperature": ("--temp",)}  # mlx-lm's spelling
+
+
 def add_sampling_args(p: argparse.ArgumentParser) -> None:
     """The sampling flags, with `Sampling`'s defaults (shared by every mode)."""
     d = Sampling()
@@ -220,9 +224,12 @@ def add_sampling_args(p: argparse.ArgumentParser) -> None:
     for flag, metavar, text in flags:
         name = flag[2:].replace("-", "_")
         default, limit = getattr(d, name), LIMITS[name]
+        shown = default
+        if name == "seed":  # resolved by `sampling_from_args`
+            default, shown = None, "random, printed on stderr"
         g.add_argument(
-            flag, type=limit.parse, default=default, metavar=metavar,
-            help=f"{text}; in {limit.ends()} (default {default})",
+            flag, *ALIASES.get(flag, ()), type=limit.parse, default=default,
+            metavar=metavar, help=f"{text}; in {limit.ends()} (default {shown})",
         )  # fmt: skip
     g.add_argument(
         "--stop",
@@ -234,5 +241,10 @@ def add_sampling_args(p: argparse.ArgumentParser) -> None:
 
 
 def sampling_from_args(args: argparse.Namespace) -> Sampling:
-    """A checked `Sampling` from parsed flags (raises ValueError)."""
-    return Sampling(**{f.name: getattr(args, f.name) for f in fields(Sampling)}).check()
+    """A checked `Sampling` from parsed flags (raises ValueError). Without
+    --seed (None) the seed is random when sampling (temperature > 0), so runs
+    differ; greedy decoding takes 0, as it draws nothing."""
+    values = {f.name: getattr(args, f.name) for f in fields(Sampling)}
+    if values["seed"] is None:
+        values["seed"] = secrets.randbelow(2**32) if values["temperature"] else 0
+    return Sampling(**values).check()

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import re
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
@@ -44,6 +45,21 @@ def _check_text(texts: list[str]) -> None:
             raise TokenizerError(f"cannot encode {where}: {why}")
 
 
+def missing_tokenizer(path: Path) -> str:
+    """The message for a tokenizer folder that is not there: the two commands
+    that make one at `path` (a vocabulary size read from a `tokenizer-N` name)."""
+    m = re.fullmatch(r"tokenizer-(\d+)", path.name)
+    vocab = m.group(1) if m else "8192"
+    script = f"VOCAB_SIZE={vocab} ./scripts/prepare_data.sh"
+    if path != Path(f"data/tokenizer-{vocab}"):  # where the script writes it
+        script = f"TOKENIZER={path} {script}"
+    return (
+        f"no tokenizer at {path} (no {MODEL_FILE}): make one with `python -m "
+        f"src.tokenizer train --input TEXT --output {path} --vocab-size {vocab}` "
+        f"or `{script}`"
+    )
+
+
 class Tokenizer:
     """A trained SentencePiece model with this project's special ids."""
 
@@ -60,10 +76,7 @@ class Tokenizer:
         path = Path(path)
         model = path / MODEL_FILE if path.is_dir() else path
         if not model.is_file():
-            raise TokenizerError(
-                f"{path}: no tokenizer there (expected a folder with {MODEL_FILE}, "
-                "made by `python -m src.tokenizer train`)"
-            )
+            raise TokenizerError(missing_tokenizer(path))
         data = model.read_bytes()
         try:
             sp = spm.SentencePieceProcessor(model_proto=data)

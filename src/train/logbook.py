@@ -8,6 +8,11 @@ boundaries, so it never waits on `.item()` in between. On resume, rows past the
 checkpoint's step are dropped so the log has no duplicated or missing steps.
 Ranks other than 0 keep a `FollowerLog`: the same bookkeeping, nothing written.
 
+train.log and the console get the same lines (setup, "step N: loss ..." at each
+logging boundary, validation, samples, warnings). The progress bar
+(`logging.progress_bar`) is drawn below them only when stderr is a terminal, so
+a redirected console gets plain lines, never carriage-return redraws.
+
 A log is never why a run crashes: a write that fails (a full disk, an I/O error)
 is kept as `failure`, the first one, in user terms (`src.files.write_failure`),
 and the console goes on; the loop polls `failure` each step, saves and stops. A
@@ -62,7 +67,13 @@ class _Console:
     def flush(self) -> None:
         self._do(sys.stderr.flush)
 
-    def __getattr__(self, name):  # what tqdm asks of a file: encoding, isatty...
+    def isatty(self) -> bool:
+        try:
+            return self.alive and sys.stderr.isatty()
+        except (OSError, ValueError):  # closed, or replaced by something odd
+            return False
+
+    def __getattr__(self, name):  # what else tqdm asks of a file: encoding...
         return getattr(sys.stderr, name)
 
 
@@ -115,15 +126,29 @@ class RunLog:
         self._guard(path, write)
 
     def progress(self, start: int, total: int) -> tqdm:
+        """The step bar: drawn only when `progress_bar` is on and stderr is a
+        terminal (redirected, the console gets train.log's plain lines instead)."""
         return tqdm(
             total=total,
             initial=start,
             desc="train",
             unit="step",
-            disable=not self.progress_bar,
+            disable=not (self.progress_bar and self.console.isatty()),
             dynamic_ncols=True,
             file=self.console,
         )
+
+    def first_step(self, bar: tqdm, step: int, compiled_in: float | None) -> None:
+        """After the first step of the run (`step` done), which compiled the step
+        function in `compiled_in` seconds (None: not compiled): say how long that
+        took, and set the bar to `step` with its rate and ETA counted from now."""
+        if compiled_in is not None:
+            self.info(f"compiled in {compiled_in:.1f} s")
+        if bar.disable:
+            return
+        bar.reset()  # n = 0; the clock and the rate's averages start now
+        bar.initial = bar.n = bar.last_print_n = step
+        bar.refresh()
 
     # -- metrics.jsonl
     def _append(self, rows: list[dict]) -> None:
@@ -201,9 +226,7 @@ class RunLog:
             tok_s=f"{tokens_per_s:,.0f}",
             refresh=False,
         )
-        if not bar.disable:
-            return
-        self.info(
+        self.info(  # train.log has every logged step, whatever the console shows
             f"step {last['step']}: loss {last['loss']:.4f} lr {last['lr']:.2e} "
             f"grad_norm {last['grad_norm']:.3f} {tokens_per_s:,.0f} tok/s"
         )

@@ -7,8 +7,10 @@ batch and its random seed from (seed, step), so a resumed run repeats the
 uninterrupted one exactly; steps stay lazy `StepRecord`s until the next logging
 boundary, so the loop syncs with the device once per step and reads values only
 when it logs (and each step's ok flag, already evaluated with the step, for the
-non-finite guard's limit). SIGINT/SIGTERM (`StopSignal`) save at the next step
-boundary, after the validation that step owes, so a checkpoint never lacks it.
+non-finite guard's limit). The first step compiles the step: it is announced,
+timed, and kept out of tokens/s and the bar's ETA (but for a logging boundary on
+it). SIGINT/SIGTERM (`StopSignal`) save at the next step boundary, after the
+validation that step owes, so a checkpoint never lacks it.
 A log, sample or config copy that cannot be written stops the run the same way
 (the step reached is saved), with one `error:` line naming the file; a sample
 prompt that fails is only a warning.
@@ -139,15 +141,19 @@ class Trainer:
         pending: list[StepRecord] = []
         meter = _Meter(self.start)
         step, stopping = self.start, False
+        if t.compile:  # the first step compiles: seconds to minutes, unsaid otherwise
+            self.log.info("compiling the training step...")
         while step < t.max_steps and not stopping:
             try:
                 record, stop = self._step(step)
             except DataError as exc:  # read before the step used it: `step` is whole
                 return self._stop_on_data(exc, step, pending, meter, bar)
-            if step == self.start:  # the first step's buffers are reused from now on
-                policy.keep_step_buffers()
             step += 1
-            bar.update(1)
+            if step == self.start + 1:  # compiled: its buffers are reused from now
+                policy.keep_step_buffers()  # on, its time is kept out of any rate
+                self.log.first_step(bar, step, meter.elapsed() if t.compile else None)
+            else:
+                bar.update(1)
             pending.append(record)
             if self._too_many_skips(record):  # checked every step, before any save
                 self._flush(step, pending, meter, bar)
@@ -171,8 +177,8 @@ class Trainer:
                 self._flush(step, pending, meter, bar)
                 self._tell_log_failure(step)  # before the save, which may fail too
                 self._save(step, metric)
-            if eval_now or save_now:
-                meter.restart(step)  # keep eval/save out of tokens/s
+            if eval_now or save_now or step == self.start + 1:
+                meter.restart(step)  # keep eval/save and compiling out of tokens/s
         bar.close()
         if self.log.failure:  # e.g. train.log failed while the last step was saved
             self._tell_log_failure(step)
@@ -340,5 +346,8 @@ class _Meter:
     def restart(self, step: int) -> None:
         self.tic, self.step = time.perf_counter(), step
 
+    def elapsed(self) -> float:
+        return time.perf_counter() - self.tic
+
     def steps_per_s(self, step: int) -> float:
-        return (step - self.step) / max(time.perf_counter() - self.tic, 1e-9)
+        return (step - self.step) / max(self.elapsed(), 1e-9)
