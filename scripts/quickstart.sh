@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# The whole pipeline on a fresh machine, in about ten minutes on two CPU cores:
+# The whole pipeline on a fresh machine, in about five minutes on two CPU cores
+# once set up (setting up takes a few minutes more):
 # set up, find the corpus, train a tokenizer, prepare token files, train the
 # quick-start model, and print samples from it.
 #
@@ -7,7 +8,8 @@
 #
 # --data takes a file, a folder or a glob of .txt files (TinyStories format: stories
 # separated by '<|endoftext|>' lines). Without it, data/raw/ and then ../shared/data/
-# are searched; online, `python -m src.data download` fetches TinyStories.
+# are searched; online, `python -m src.data download --output
+# data/raw/tinystories_train.txt` fetches TinyStories.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 CONFIG=configs/quickstart.yaml
@@ -18,7 +20,7 @@ while [ $# -gt 0 ]; do
     --data) DATA="$2"; shift 2 ;;
     --config) CONFIG="$2"; shift 2 ;;
     --skip-setup) SETUP=0; shift ;;
-    -h|--help) sed -n '2,11p' "$0"; exit 0 ;;
+    -h|--help) awk 'NR > 1 && /^#/ { sub(/^# ?/, ""); print; next } NR > 1 { exit }' "$0"; exit 0 ;;
     *) echo "quickstart: unknown argument $1 (see --help)" >&2; exit 2 ;;
   esac
 done
