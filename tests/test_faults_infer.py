@@ -209,7 +209,8 @@ def test_item21_inference_outputs_never_overwrite(ckpt, tmp_path):
                "3", input=script)  # fmt: skip
     assert proc.returncode == 0 and b"already exists" in proc.stdout, proc.stdout
     assert out.read_text() == "old results"
-    assert (tmp_path / "new.txt").read_text().startswith("[user] Once")
+    saved = json.loads((tmp_path / "new.txt").read_text())  # one JSONL row
+    assert saved["messages"][0] == {"role": "user", "content": "Once"}
 
 
 # ---------------------------------------- item 11: every number checked

@@ -33,7 +33,15 @@ def cli(ckpt, *args) -> list[str]:
 
 
 def test_one_shot_streams_prompt_and_stats(ckpt, capsys):
-    args = ["--prompt", "Once upon a time", "--max-tokens", "20", "--stats"]
+    args = [
+        "--prompt",
+        "Once upon a time",
+        "--max-tokens",
+        "20",
+        "--stats",
+        "--seed",
+        "0",
+    ]
     assert inference.main(cli(ckpt, *args)) == 0
     out, err = capsys.readouterr()
     assert out.startswith("Once upon a time") and out.rstrip().endswith("---")
@@ -170,8 +178,9 @@ def test_slash_commands(ckpt, tmp_path):
     command(chat, "/rep_penalty 0")  # invalid: kept at 1
     assert chat.s.repetition_penalty == 1.0 and "error:" in chat.out.getvalue()
     chat.say("Hi")
-    command(chat, f"/save {tmp_path / 't.txt'}")
-    assert (tmp_path / "t.txt").read_text().startswith("[user] Hi\n[assistant]")
+    command(chat, f"/save {tmp_path / 't.jsonl'}")
+    saved = json.loads((tmp_path / "t.jsonl").read_text())["messages"]
+    assert [m["role"] for m in saved] == ["user", "assistant"], saved
     command(chat, "/reset")
     assert chat.tokens == [] and chat.cache[0].offset == 0
     assert not command(chat, "/quit")

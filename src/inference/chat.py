@@ -6,14 +6,18 @@ new user turn). When the context would overflow, the system prompt and the most
 recent tokens are kept and the cache is rebuilt from them (RoPE positions
 change, so it cannot be shifted in place). Ctrl-C stops a reply, Ctrl-D leaves.
 A line that is not valid UTF-8 is refused with a message; the conversation goes
-on. /save writes a new file, never over one. The CLI's --prompt, if any, is the
-first message.
+on. /save writes the conversation as one JSONL row in the Hugging Face
+`messages` layout (what `python -m src.data prepare --chat` reads) to a new file,
+never over one. A message longer than the context keeps its last tokens, with a
+warning. The CLI's --prompt, if any, is the first message.
 """
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import io
+import json
 import os
 import sys
 from collections.abc import Sequence
@@ -25,7 +29,7 @@ from ..files import atomic_file, write_failure
 from ..template import CHAT, PLAIN, Template
 from .cache import make_cache
 from .generate import Stats, generate_step
-from .sampling import Sampling
+from .sampling import LIMITS, Sampling
 from .streaming import TextStreamer, check_utf8
 
 
@@ -58,8 +62,18 @@ class Chat:
 
     def _fit(self, new: list[int], room: int) -> list[int]:
         """Make `new` and `room` reply tokens fit: drop the oldest tokens after the
-        system prompt (then it too) and rebuild the cache from what is kept."""
-        new = new[-(self.context - room) :]
+        system prompt (then it too) and rebuild the cache from what is kept. A
+        message that alone leaves no `room` keeps its last tokens, with a warning."""
+        if len(new) > (budget := self.context - room):
+            before = " and the conversation before it" if self.tokens else ""
+            print(
+                f"warning: the message has {len(new)} tokens, more than fit the "
+                f"context ({self.context}, {room} kept for the reply); dropped its "
+                f"first {len(new) - budget}{before}",
+                file=self.out,
+            )
+            self.tokens, self.cache = [], make_cache(self.model)
+            return new[-budget:]
         if len(self.tokens) + len(new) + room <= self.context:
             return new
         head = self.tok.encode(self.t.system.format(self.system)) if self.system else []
@@ -127,63 +141,110 @@ class Chat:
             c.trim(offset - same)
 
     def save(self, path: str) -> None:
-        """Write the transcript to a new file (FileExistsError if there is one)."""
+        """Write the transcript to a new file (FileExistsError if there is one) as
+        one JSONL line, {"messages": [{"role", "content"}, ...]}: the Hugging Face
+        chat layout that `python -m src.data prepare --chat` reads."""
         if os.path.lexists(path):
             raise FileExistsError(f"{path} already exists; /save to a new file")
-        lines = [f"[{role}] {text}" for role, text in self.transcript]
+        if not self.transcript:
+            raise ValueError("nothing to save yet")
+        messages = [{"role": r, "content": text} for r, text in self.transcript]
         with atomic_file(path, "w", replace=False) as f:
-            f.write("\n".join(lines) + "\n")
+            f.write(json.dumps({"messages": messages}, ensure_ascii=False) + "\n")
 
 
 HELP = """commands:
   /help              this list
-  /reset             forget the conversation (keeps /system)
+  /show              every current setting
+  /set NAME VALUE    set one (/set alone lists the names and their limits)
   /temp X  /top_k N  /top_p X  /min_p X  /rep_penalty X  /max_tokens N  /seed N
                      set a sampling option (no argument: show it)
-  /system TEXT       set the system prompt and reset
-  /save FILE         write the transcript
+  /system TEXT       set the system prompt and reset the conversation
+  /system            show the system prompt
+  /system clear      remove it and reset the conversation
+  /reset  /clear     forget the conversation (keeps the system prompt)
+  /save FILE.jsonl   write the conversation as one {"messages": [...]} row, the
+                     layout `python -m src.data prepare --chat` reads (a new file)
   /stats             tokens and speed of the last reply
-  /quit              leave (or Ctrl-D); Ctrl-C stops a reply"""
+  /quit  /bye        leave (also q, quit, exit or Ctrl-D); Ctrl-C stops a reply
+a line starting with / (after any spaces) is a command, anything else a message"""
 
+QUIT = {"/quit", "/bye", "q", "quit", "exit"}  # a whole line, any case
 OPTIONS = {  # command -> the Sampling field it sets (parsed as that field's type)
     "/temp": "temperature", "/top_k": "top_k", "/top_p": "top_p", "/min_p": "min_p",
     "/rep_penalty": "repetition_penalty", "/max_tokens": "max_tokens", "/seed": "seed",
 }  # fmt: skip
+NAMES = {**{k[1:]: v for k, v in OPTIONS.items()}, **{k: k for k in LIMITS}}
+
+
+def set_option(chat: Chat, field: str, arg: str) -> None:
+    """Set the Sampling `field` from `arg` within its LIMITS (an error keeps the
+    old value), then show it."""
+    if arg:
+        try:
+            value = LIMITS[field].parse(arg)
+            chat.s = dataclasses.replace(chat.s, **{field: value}).check()
+        except (ValueError, argparse.ArgumentTypeError) as exc:
+            print(f"error: {field}: {exc}", file=chat.out)
+            return
+    print(f"{field} = {getattr(chat.s, field)}", file=chat.out)
+
+
+def show(chat: Chat) -> str:
+    """Every current setting, one `name = value` a line."""
+    rows = [(name, getattr(chat.s, name)) for name in LIMITS]
+    rows += [("stop", chat.s.stop), ("template", chat.t.name)]
+    rows += [("system", repr(chat.system) if chat.system else "(none)")]
+    rows += [("context", f"{len(chat.tokens)}/{chat.context} tokens used")]
+    return "\n".join(f"{name} = {value}" for name, value in rows)
 
 
 def command(chat: Chat, line: str) -> bool:
     """Run one slash command; False means quit."""
     name, _, arg = line.strip().partition(" ")
     arg, out = arg.strip(), chat.out
-    if name == "/quit":
+    if name.lower() in QUIT:
         return False
     if name in OPTIONS:
-        field = OPTIONS[name]
-        kind = type(getattr(chat.s, field))
-        if arg:
-            try:
-                chat.s = dataclasses.replace(chat.s, **{field: kind(arg)}).check()
-            except ValueError as exc:
-                print(f"error: {exc}", file=out)
-                return True
-        print(f"{field} = {getattr(chat.s, field)}", file=out)
-    elif name == "/reset":
+        set_option(chat, OPTIONS[name], arg)
+    elif name == "/set" and not arg:
+        print("settings (/set NAME VALUE):", file=out)
+        for field, limit in LIMITS.items():
+            short = [k for k, v in NAMES.items() if v == field and k != field]
+            alias = f" (or {short[0]})" if short else ""
+            print(f"  {field}{alias}: {limit.rule()}", file=out)
+    elif name == "/set":
+        key, _, value = arg.partition(" ")
+        if key in NAMES and value.strip():
+            set_option(chat, NAMES[key], value.strip())
+        elif key in NAMES:
+            print(f"usage: /set {key} VALUE ({LIMITS[NAMES[key]].rule()})", file=out)
+        else:
+            print(f"error: no setting {key!r}; /set lists them", file=out)
+    elif name == "/show":
+        print(show(chat), file=out)
+    elif name in ("/reset", "/clear"):
         chat.reset()
         print("[conversation reset]", file=out)
+    elif name == "/system" and not arg:
+        now = f"system prompt: {chat.system!r}" if chat.system else "no system prompt"
+        print(f"[{now}; /system TEXT sets it, /system clear removes it]", file=out)
     elif name == "/system":
-        chat.system = arg
+        chat.system = "" if arg == "clear" else arg
         chat.reset()
-        print("[system prompt set; conversation reset]", file=out)
+        done = "removed" if arg == "clear" else "set"
+        print(f"[system prompt {done}; conversation reset]", file=out)
     elif name == "/save" and not arg:
-        print("usage: /save FILE", file=out)
+        print("usage: /save FILE.jsonl", file=out)
     elif name == "/save":
+        path = os.path.expanduser(arg)
         try:
-            chat.save(arg)
-            print(f"[saved {arg}]", file=out)
-        except FileExistsError as exc:
+            chat.save(path)
+            print(f"[saved {path}]", file=out)
+        except (FileExistsError, ValueError) as exc:
             print(f"error: {exc}", file=out)
         except OSError as exc:
-            print(f"error: {write_failure(arg, exc)}", file=out)
+            print(f"error: {write_failure(path, exc)}", file=out)
     elif name == "/stats":
         used = f"{len(chat.tokens)}/{chat.context} tokens in context"
         print(f"[{chat.stats.summary()}; {used}]", file=out)
@@ -236,7 +297,9 @@ def repl(
         except UserError as exc:
             print(f"error: {exc}; nothing was sent, go on", file=out)
             continue
-        if line.startswith("/"):
+        if line.strip().lower() in QUIT:
+            return 0
+        if line.lstrip().startswith("/"):
             if not command(chat, line):
                 return 0
         elif line.strip():
