@@ -97,38 +97,23 @@ def _int(text: str) -> int | None:
         return None
 
 
-def int_in(lo: int, hi: int):
-    """A type for integers in [lo, hi]."""
+def int_in(lo: int, hi: int, what: str | None = None):
+    """A type for integers in [lo, hi]; `what` words them in its message."""
+    what = what or f"an integer in [{lo}, {hi}]"
 
     def parse(text: str) -> int:
         value = _int(text)
         if value is None or not lo <= value <= hi:
-            raise argparse.ArgumentTypeError(
-                f"expected an integer in [{lo}, {hi}], got {text!r}"
-            )
+            raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}")
         return value
 
     return parse
 
 
-def positive_int(text: str) -> int:
-    """An integer in [1, 2**63 - 1]."""
-    value = _int(text)
-    if value is None or not 1 <= value <= MAX_INT:
-        raise argparse.ArgumentTypeError(
-            f"expected a positive integer below 2**63, got {text!r}"
-        )
-    return value
-
-
-def count(text: str) -> int:
-    """An integer in [0, 2**63 - 1]."""
-    value = _int(text)
-    if value is None or not 0 <= value <= MAX_INT:
-        raise argparse.ArgumentTypeError(
-            f"expected an integer >= 0 and below 2**63, got {text!r}"
-        )
-    return value
+positive_int = int_in(1, MAX_INT, "a positive integer below 2**63")
+positive_int.__doc__ = "An integer in [1, 2**63 - 1]."
+count = int_in(0, MAX_INT, "an integer >= 0 and below 2**63")
+count.__doc__ = "An integer in [0, 2**63 - 1]."
 
 
 def positive_number(text: str) -> float:
