@@ -9,7 +9,7 @@ EXTRAS=${EXTRAS:-dev}
 PYTHON=${PYTHON:-python3}
 
 # MLX's Linux CPU wheel links a reference BLAS (~30x slower fp32 matmuls); src/backend/blas.py
-# loads OpenBLAS instead when it is installed (see README, "Linux CPU fast path").
+# loads OpenBLAS instead when it is installed (see docs/performance.md, "Linux CPU fast path").
 if [ "$(uname -s)" = "Linux" ] && command -v apt-get >/dev/null 2>&1 \
    && ! ls /usr/lib/*-linux-gnu/openblas-pthread/libopenblas.so.0 >/dev/null 2>&1; then
   SUDO=""

@@ -12,12 +12,20 @@ from __future__ import annotations
 
 import argparse
 import math
+import os
 import sys
 from collections.abc import Callable
 
 from .errors import UsageError, UserError
 
 INTERRUPTED = 130  # 128 + SIGINT, as a shell reports it
+
+
+def program(module: str) -> str:
+    """The name a command's usage lines show: the console script it was started
+    as (`slm-train`, see pyproject.toml), else `python -m <module>`."""
+    name = os.path.basename(sys.argv[0]) if sys.argv else ""
+    return name if name.startswith("slm-") else f"python -m {module}"
 
 
 def fail(message: str, prefix: str = "error") -> int:

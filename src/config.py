@@ -2,12 +2,12 @@
 
 A config file is a mapping of the sections below; a key left out falls back to the
 dataclass default, but the file may not be empty and a section must be a mapping.
-Every field carries its rule (`num`, `choice`, `_folder_name`): each number must be
-finite and in its range, each string valid UTF-8 without NUL, before any array
-exists; unknown keys, wrong types and impossible shapes raise `ConfigError` naming
-the key, the value and the rule. The YAML reader refuses what a config never needs
-and a hostile file abuses: aliases (an alias bomb), repeated keys, non-string keys.
-This module imports neither MLX nor torch.
+Every field carries its rule (`num`, `choice`, `choices`, `_folder_name`): each
+number must be finite and in its range, each string valid UTF-8 without NUL,
+before any array exists; unknown keys, wrong types and impossible shapes raise
+`ConfigError` naming the key, the value and the rule. The YAML reader refuses what
+a config never needs and a hostile file abuses: aliases (an alias bomb), repeated
+keys, non-string keys. This module imports neither MLX nor torch.
 """
 
 from __future__ import annotations
@@ -27,6 +27,9 @@ from .errors import ConfigError, utf8_problem
 
 OPTIMIZERS = ("adamw",)  # training.optimizer: the classes are in src/train/optim.py
 PRECISIONS = ("auto", "fp32", "bf16")  # training.precision (src/backend/policy.py)
+REPORTERS = ("tensorboard", "wandb")  # logging.report_to (src/train/reporters.py)
+LOSS_ON = ("auto", "all", "assistant")
+SCHEDULES = ("cosine", "wsd")  # training.schedule (src/train/schedule.py)
 
 MAX_COUNT = 2**31 - 1  # steps, sizes and intervals reach MLX as int32 arrays
 MAX_SEED = 2**63 - 1  # mx.random.seed and numpy take it (src/train/step.py)
@@ -68,6 +71,21 @@ def choice(default: str, options: tuple[str, ...]):
         return None if v in options else f"must be one of {', '.join(options)}"
 
     return field(default=default, metadata={"check": check})
+
+
+def choices(options: tuple[str, ...]):
+    """A list field (default empty) of distinct strings, each one of `options`;
+    a single string is a list of one."""
+
+    def check(v: list[str]) -> str | None:
+        for i, item in enumerate(v):
+            if item not in options:
+                return f"{item!r} is not one of {', '.join(options)}"
+            if item in v[:i]:
+                return f"{item!r} is listed twice"
+        return None
+
+    return field(default_factory=list, metadata={"check": check})
 
 
 def _folder_name(v: str) -> str | None:
@@ -141,9 +159,13 @@ class TrainingConfig:
     time_budget_minutes: float = num(0.0, ge=0, le=1e5)
     optimizer: str = choice("adamw", OPTIMIZERS)  # src/train/optim.py
     learning_rate: float = num(3e-4, gt=0, le=1)
-    # cosine decays to learning_rate * min_lr_ratio
+    # after the warm-up: cosine decay, or warmup-stable-decay (src/train/schedule.py)
+    schedule: str = choice("cosine", SCHEDULES)
+    # both decay to learning_rate * min_lr_ratio
     min_lr_ratio: float = num(0.1, ge=0, le=1)
     warmup_steps: int = num(100, ge=0, le=MAX_COUNT)
+    # wsd: the share of max_steps at the end that decays linearly (0: no decay)
+    decay_fraction: float = num(0.2, ge=0, le=1)
     # <= 1: AdamW multiplies weights by 1 - lr * weight_decay, which stays >= 0
     weight_decay: float = num(0.1, ge=0, le=1)
     decay_embeddings: bool = False
@@ -156,6 +178,12 @@ class TrainingConfig:
     compile: bool = True
     # streams a micro-batch is split across; 0 = auto (src/backend/policy.py)
     streams: int = num(0, ge=0, le=16)
+    # a new run from these weights (our checkpoint or a Hugging Face folder): step 0,
+    # fresh optimizer and schedule, the source's architecture and tokenizer
+    init_from: str | None = None
+    # the tokens the loss counts: all, or the assistant's replies of chat data
+    # (prepare --chat); auto = assistant for chat data, else all
+    loss_on: str = choice("auto", LOSS_ON)
     # non-finite steps in a row before giving up
     max_consecutive_skips: int = num(10, ge=1, le=MAX_COUNT)
     # warn when loss > factor * moving average
@@ -185,6 +213,9 @@ class LoggingConfig:
     dir: str = "logs"
     interval: int = num(10, ge=1, le=MAX_COUNT)
     progress_bar: bool = True
+    # experiment trackers that get the metrics.jsonl rows too: [tensorboard, wandb]
+    report_to: list[str] = choices(REPORTERS)
+    wandb_project: str = "mlx-slm"  # wandb.init(project=...)
 
 
 @dataclass

@@ -34,12 +34,11 @@ def fmt_seconds(s: float) -> str:
 def summary(run: Run) -> dict:
     """The report's numbers (None where the log has no data)."""
     last = run.train[-1]
-    rates = [r["tokens_per_s"] for r in run.train if r.get("tokens_per_s")]
+    rates = [r["tokens_per_s"] for r in run.rate_rows()]  # without compiling
     mems = [r["peak_memory"] for r in run.train if r.get("peak_memory")]
     times = [r["time"] for r in run.train + run.evals if "time" in r]
     t0 = run.start_time()
     tail = [r["loss"] for r in run.train[-10:] if not r.get("skipped")]
-    best = min(run.evals, key=lambda r: r["val_loss"]) if run.evals else None
     return {
         "run": run.name,
         "parameters": run.config.model.num_params(),
@@ -48,7 +47,8 @@ def summary(run: Run) -> dict:
         "seconds": max(times) - t0 if times and t0 is not None else None,
         "train_loss": sum(tail) / len(tail) if tail else None,
         "final": run.evals[-1] if run.evals else None,
-        "best": best,
+        "best": run.best(),
+        "resumed": run.resumes(),
         "tokens_per_s": statistics.median(rates) if rates else None,
         "peak_memory": max(mems) if mems else None,
         "skipped": sum(bool(r.get("skipped")) for r in run.train),
@@ -84,6 +84,7 @@ def render(run: Run, png: str | None) -> str:
         ("peak memory", "n/a" if s["peak_memory"] is None
          else fmt_bytes(s["peak_memory"])),
         ("skipped steps", str(s["skipped"])),
+        ("resumed at", ", ".join(f"step {k}" for k in s["resumed"]) or "never"),
     ]  # fmt: skip
     out = [f"# Run report: {run.name}", ""]
     out += [f"Generated {time.strftime('%Y-%m-%d %H:%M:%S')} from `{run.dir}`.", ""]
@@ -98,8 +99,9 @@ def render(run: Run, png: str | None) -> str:
         f"{m.vocab_size}, tied embeddings {m.tie_embeddings}, qk-norm {m.qk_norm}, "
         f"dropout {m.dropout}",
         f"- training: batch {t.batch_size} x accum {t.grad_accum_steps}, lr "
-        f"{t.learning_rate:g} (warm-up {t.warmup_steps}, cosine to "
-        f"x{t.min_lr_ratio:g}), weight decay {t.weight_decay:g}, grad clip "
+        f"{t.learning_rate:g} (warm-up {t.warmup_steps}, {t.schedule}"
+        + (f" over the last {t.decay_fraction:g}" if t.schedule == "wsd" else "")
+        + f" to x{t.min_lr_ratio:g}), weight decay {t.weight_decay:g}, grad clip "
         f"{t.grad_clip:g}, precision {t.precision}, seed {t.seed}",
         f"- data: train `{c.data.train_path}`, val `{c.data.val_path}`, tokenizer "
         f"`{c.data.tokenizer_path}`; validation on {c.eval.max_tokens:,} tokens "

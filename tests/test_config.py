@@ -61,12 +61,24 @@ def test_default_ffn_dim_rounds_to_256():
         ({"training": {"learnig_rate": 1e-3}}, "'learnig_rate'"),
         ({"modle": {}}, "'modle'"),
         ({"training": {"precision": "fp8"}}, "training.precision"),
+        ({"training": {"schedule": "linear"}}, "must be one of cosine, wsd"),
+        ({"training": {"decay_fraction": 1.5}}, "training.decay_fraction=1.5"),
+        ({"training": {"decay_fraction": -0.1}}, "must be in [0, 1]"),
     ],
 )
 def test_rejections_name_key_value_rule(data, needle):
     with pytest.raises(ConfigError) as err:
         config_from_dict(data)
     assert needle in str(err.value)
+
+
+def test_schedule_keys_default_and_override():
+    t = config_from_dict({}).training
+    assert (t.schedule, t.decay_fraction) == ("cosine", 0.2)  # today's schedule
+    t = config_from_dict(
+        {}, ["training.schedule=wsd", "training.decay_fraction=1e-1"]
+    ).training
+    assert (t.schedule, t.decay_fraction) == ("wsd", 0.1)
 
 
 def test_bad_override_syntax():

@@ -8,6 +8,10 @@ when it is not installed; everything else runs without torch.
 """
 
 import json
+import math
+import os
+import re
+import stat
 import subprocess
 import sys
 from pathlib import Path
@@ -15,6 +19,7 @@ from pathlib import Path
 import mlx.core as mx
 import numpy as np
 import pytest
+import yaml
 from mlx.utils import tree_flatten
 
 from src.backend.policy import DTYPES
@@ -26,6 +31,7 @@ from src.convert import hf
 from src.errors import ConvertError
 from src.inference.generate import generate_tokens
 from src.model.transformer import Model
+from src.template import render_conversation
 from src.tokenizer.spm import Tokenizer
 
 try:
@@ -54,14 +60,16 @@ VARIANTS = {  # plain Llama (tied, GQA) and the QK-norm one that exports as qwen
 }
 
 
-def make_checkpoint(run_dir: Path, tokenizer_dir: Path, cfg) -> Path:
-    """A verified checkpoint of model config `cfg` with random, non-trivial weights."""
+def make_checkpoint(run_dir: Path, tokenizer_dir: Path | None, cfg, **meta) -> Path:
+    """A verified checkpoint of model config `cfg` with random, non-trivial weights,
+    `meta` added to its meta.json (tokenizer_dir None: a checkpoint without one)."""
     mx.random.seed(0)
     weights = dict(tree_flatten(Model(cfg.model).parameters()))
     for k, v in weights.items():
         if v.ndim == 1:  # norm weights: not all ones, so misuse of them shows
             weights[k] = 1 + 0.3 * mx.random.normal(v.shape)
-    meta = build_meta(cfg, Tokenizer.load(tokenizer_dir).sha256)
+    sha = Tokenizer.load(tokenizer_dir).sha256 if tokenizer_dir else None
+    meta = build_meta(cfg, sha, **meta)
     return ckpt.save_checkpoint(run_dir, 7, weights, {}, meta, tokenizer_dir)
 
 
@@ -348,3 +356,138 @@ def test_export_refuses_a_config_no_standard_type_expresses(source):
     cfg.model.parallel_blocks = True  # a future option Llama/Qwen3 cannot express
     with pytest.raises(ConvertError, match="parallel_blocks"):
         hf.hf_config(cfg, "fp32", 0)
+
+
+# ------------------------------------------------------------------ model card
+
+
+def card_rows(text: str) -> dict[str, str]:
+    """The `| key | value |` rows of a model card's tables."""
+    rows = re.findall(r"^\| (.+?) \| (.+?) \|$", text, flags=re.M)
+    return {k: v for k, v in rows if set(k) - {"-"}}
+
+
+def card_number(rows: dict, key: str) -> float:
+    return float(rows[key].replace(",", ""))
+
+
+def test_model_card_numbers_equal_the_run(trained, tmp_path, tiny_corpus):
+    """The card of a real 20-step run: every number parsed and compared with the
+    checkpoint's meta.json, its weights and the run's metrics.jsonl."""
+    out = tmp_path / "hf"
+    proc = run_cli("--checkpoint", trained, "--to", "hf", "--out", out)
+    assert proc.returncode == 0, proc.stderr
+    text = (out / "README.md").read_text()
+    front = yaml.safe_load(text.split("---\n")[1])
+    assert front["library_name"] == "transformers"
+    assert front["pipeline_tag"] == "text-generation" and "llama" in front["tags"]
+    weights, _, meta = ckpt.load_checkpoint(trained)
+    cfg = config_from_dict(meta["config"])
+    m, t = cfg.model, cfg.training
+    rows = card_rows(text)
+    assert card_number(rows, "parameters") == sum(v.size for v in weights.values())
+    for key, value in [("d_model", m.d_model), ("layers", m.n_layers),
+                       ("attention heads", m.n_heads), ("kv heads", m.kv_heads),
+                       ("context length", m.context_length),
+                       ("vocabulary", m.vocab_size), ("step", meta["step"])]:  # fmt: skip
+        assert card_number(rows, key) == value, key
+    assert meta["step"] == 20
+    tokens = 20 * t.batch_size * t.grad_accum_steps * m.context_length
+    assert card_number(rows, "tokens seen") == tokens
+    assert rows["training data"] == f"`{cfg.data.train_path}`"
+    assert tiny_corpus.name in rows["made from"]  # from the token files' meta.json
+    log = Path(cfg.logging.dir) / cfg.run_name / "metrics.jsonl"
+    evals = [json.loads(line) for line in log.read_text().splitlines()]
+    row = [r for r in evals if r["event"] == "eval" and r["step"] == 20][-1]
+    assert card_number(rows, "validation step") == 20
+    assert math.isclose(card_number(rows, "validation loss"), meta["val_loss"],
+                        abs_tol=5e-5)  # fmt: skip
+    assert math.isclose(card_number(rows, "perplexity"), row["val_ppl"], abs_tol=5e-4)
+    assert math.isclose(card_number(rows, "bits per byte"), row["val_bpb"],
+                        abs_tol=5e-5)  # fmt: skip
+    assert f'from_pretrained("{out}")' in text and f'--model "{out}"' in text
+    assert "no chat template" in text
+
+
+def _card(tmp_path, source, **meta) -> tuple[str, dict]:
+    """Export a checkpoint laid out as a run started in tmp_path (checkpoints/run/
+    step_00000007, logs/run/) with `meta` added; its card and rows."""
+    cfg = config_from_dict(ckpt.read_meta(source[0])["config"])
+    tok_dir = source[0] / "tokenizer"
+    path = make_checkpoint(
+        tmp_path / "checkpoints" / cfg.run_name, tok_dir, cfg, **meta
+    )
+    out = tmp_path / "hf"
+    assert convert_("--checkpoint", path, "--to", "hf", "--out", out) == 0
+    text = (out / "README.md").read_text()
+    return text, card_rows(text)
+
+
+def _log(tmp_path, **row) -> None:
+    log = tmp_path / "logs" / "run"
+    log.mkdir(parents=True)
+    rows = [{"event": "train", "step": 7, "loss": 9.0},
+            {"event": "eval", "step": 7, **row}]  # fmt: skip
+    (log / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+
+
+def test_model_card_never_invents_numbers(source, tmp_path):
+    # nothing recorded: no validation numbers at all
+    text, rows = _card(tmp_path / "a", source)
+    assert rows["validation loss"] == "not recorded for this step"
+    assert "perplexity" not in rows and "bits per byte" not in rows
+    assert "datasets" not in yaml.safe_load(text.split("---\n")[1])
+    # meta.json's loss; the log's row of the same step and loss gives bpb; the
+    # token files' meta.json (relative to where the run started) names a dataset
+    _log(tmp_path / "b", val_loss=2.5, val_ppl=math.exp(2.5), val_bpb=1.2345)
+    data = (
+        tmp_path / "b" / Path(ckpt.read_meta(source[0])["config"]["data"]["train_path"])
+    )
+    data.parent.mkdir(parents=True)
+    data.write_bytes(b"")
+    hub = {"hf_dataset": "roneneldan/TinyStories", "config": None, "split": "train"}
+    (data.parent / "meta.json").write_text(json.dumps({"inputs": [hub]}))
+    text, rows = _card(tmp_path / "b", source, val_loss=2.5)
+    assert card_number(rows, "validation loss") == 2.5
+    assert math.isclose(card_number(rows, "perplexity"), math.exp(2.5), abs_tol=5e-4)
+    assert card_number(rows, "bits per byte") == 1.2345
+    front = yaml.safe_load(text.split("---\n")[1])
+    assert front["datasets"] == ["roneneldan/TinyStories"]
+    assert rows["made from"] == "roneneldan/TinyStories (Hugging Face hub, split train)"
+    # a log row of another run (another loss) is not believed
+    _log(tmp_path / "c", val_loss=3.0, val_ppl=math.exp(3.0), val_bpb=1.5)
+    text, rows = _card(tmp_path / "c", source, val_loss=2.5)
+    assert card_number(rows, "validation loss") == 2.5
+    assert rows["bits per byte"] == "not recorded"
+
+
+@needs_transformers
+def test_chat_model_card_and_template(source, tmp_path):
+    """A model trained on conversations: the card says so, and transformers'
+    apply_chat_template renders exactly our template."""
+    from transformers import AutoTokenizer
+
+    text, _ = _card(tmp_path, source, chat_template=True)
+    assert "trained on conversations" in text and "apply_chat_template" in text
+    tok = AutoTokenizer.from_pretrained(tmp_path / "hf")
+    messages = [{"role": "system", "content": "Be brief."},
+                {"role": "user", "content": "Hi!"},
+                {"role": "assistant", "content": "Hello."},
+                {"role": "user", "content": "A story?"}]  # fmt: skip
+    rendered = tok.apply_chat_template(messages, tokenize=False)
+    assert rendered == render_conversation(messages)
+    ids = tok.encode(rendered, add_special_tokens=False)
+    assert ids == source[2].encode(rendered)  # the markers are single tokens
+    assert ids[-1] == tok.convert_tokens_to_ids("<|assistant|>")
+
+
+def test_hf_export_folder_is_not_private(source, tmp_path):
+    """The folder --to hf makes (none there before) has the usual permissions,
+    not the 0700 of a temporary folder."""
+    out = tmp_path / "new" / "hf"
+    out.parent.mkdir()
+    assert convert_("--checkpoint", source[0], "--to", "hf", "--out", out) == 0
+    umask = os.umask(0)
+    os.umask(umask)
+    assert stat.S_IMODE(out.stat().st_mode) == 0o777 & ~umask != 0o700
+    assert (out / "README.md").is_file()

@@ -271,7 +271,10 @@ def test_prepare_writes_documents_with_eos(capsys, tmp_path, stories, tok_dir):
     assert meta["duplicates_dropped"] == 5
     assert meta["tokenizer"] == {
         "dir": str(tok_dir),
+        "kind": "sentencepiece",
         "sha256": tok.sha256,
+        "bos_id": 2,
+        "eos_id": 3,
         "vocab_size": 512,
     }
     decoded = set()

@@ -169,6 +169,9 @@ def test_item1_overwrite_refuses_files_a_run_did_not_write(tmp_path, tiny_datase
     (folder / f".tmp-step_00000030-{DEAD_PID}").mkdir()
     shutil.copytree(folder / "step_00000010", folder / "rewound-1" / "step_00000020")
     (folder / ".report.md.0a1b2c3d.tmp").write_text("half a report")
+    for tracker in ("tensorboard", "wandb/offline-run-1"):  # logging.report_to's
+        (folder / tracker).mkdir(parents=True)
+        (folder / tracker / "events").write_text("rows")
     ok(
         run(
             tmp_path,

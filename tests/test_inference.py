@@ -246,7 +246,12 @@ def test_repl_through_a_pseudo_terminal_ctrl_c_and_ctrl_d(ckpt):
     import time
 
     master, slave = pty.openpty()
-    argv = [sys.executable, "-c", PTY_CHILD, *cli(ckpt, "--interactive")]
+    argv = [
+        sys.executable,
+        "-c",
+        PTY_CHILD,
+        *cli(ckpt, "--interactive", "--no-history"),
+    ]
     proc = subprocess.Popen(
         argv, cwd=ROOT, stdin=slave, stdout=slave, stderr=slave, start_new_session=True
     )

@@ -4,7 +4,6 @@ its latest), a missing tokenizer or token file names the command that makes it,
 Ctrl-C ends a one-shot generation cleanly, `--temp`, `--prompt` with
 `--interactive`, and a random (printed, reproducible) default seed."""
 
-import os
 import signal
 import subprocess
 import sys
@@ -12,6 +11,7 @@ from pathlib import Path
 
 import mlx.core as mx
 import pytest
+from commands import run, user_error
 from mlx.utils import tree_flatten
 
 from src.checkpoint import store
@@ -20,32 +20,6 @@ from src.model.transformer import Model
 from src.tokenizer.spm import Tokenizer
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def run(module: str, *args, input=None, cwd=ROOT) -> subprocess.CompletedProcess:
-    """`python -m src.<module> ARGS` (from `cwd`, the repository on the path);
-    never a traceback."""
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    proc = subprocess.run(
-        [sys.executable, "-m", f"src.{module}", *map(str, args)],
-        cwd=cwd,
-        env=env,
-        capture_output=True,
-        text=True,
-        input=input,
-        timeout=120,
-    )
-    assert "Traceback" not in proc.stderr, proc.stderr
-    return proc
-
-
-def user_error(proc, *words) -> str:
-    """Assert exit 2 and one stderr line, `error: ...` holding `words`; that line."""
-    assert proc.returncode == 2, proc.stderr
-    lines = proc.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error: "), proc.stderr
-    assert all(w in lines[0] for w in words), (words, proc.stderr)
-    return lines[0]
 
 
 @pytest.fixture(scope="module")

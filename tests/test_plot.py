@@ -38,14 +38,23 @@ def assert_png(path: Path) -> None:
     assert data[:8] == PNG_MAGIC and len(data) > 10_000, (path, len(data))
 
 
-def fake_run(root: Path, name: str, timed: bool = True, accum: int = 2) -> Path:
-    """A hand-made log folder: 20 steps, eval at 10 and 20, a sample."""
+def log_folder(root: Path, name: str, accum: int = 2) -> Path:
+    """logs/<name>/ with the tiny config (checkpoints under root/ck: a best.json
+    elsewhere must not count)."""
     d = root / name
     d.mkdir(parents=True)
     cfg = load_config(
-        ROOT / "configs/tiny.yaml", [f"training.grad_accum_steps={accum}"]
-    )
+        ROOT / "configs/tiny.yaml",
+        [f"training.grad_accum_steps={accum}", f"checkpoint.dir={root / 'ck'}",
+         f"run_name={name}"],
+    )  # fmt: skip
     (d / "config.yaml").write_text(dump_config(cfg))
+    return d
+
+
+def fake_run(root: Path, name: str, timed: bool = True, accum: int = 2) -> Path:
+    """A hand-made log folder: 20 steps, eval at 10 and 20, a sample."""
+    d = log_folder(root, name, accum)
     out = []
     for s in range(1, 21):
         row = {"event": "train", "step": s, "loss": 6.0 - 0.1 * s, "lr": 1e-3,
@@ -210,3 +219,116 @@ def test_plot_cli_subprocess(tmp_path):
     assert proc.returncode == 0, proc.stderr
     assert_png(d / "training.png")
     # no MLX on this path: tests/test_imports.py
+
+
+# ------------------------------------------- a resume, the best, compiling steps
+
+PAUSE = 100.0  # seconds between the two sessions of `resumed_run`
+
+
+def resumed_run(root: Path, name: str = "r", markers: bool = True) -> Path:
+    """A log of two sessions, as the trainer writes it: steps 1-10, then (resumed
+    from the checkpoint at 10, PAUSE seconds later) steps 11-25; a logging row at
+    each session's first step (compiling: a low tokens/s) and every 5 steps at
+    1000 tokens/s; validation at 5, 10, 20 (the lowest) and 25; a skipped step."""
+    d = log_folder(root, name)
+    rows, clock = [], 1e9
+    for start, end in ((0, 10), (10, 25)):
+        clock += 0 if start == 0 else PAUSE
+        for s in range(start + 1, end + 1):
+            row = {"event": "train", "step": s, "loss": 6.0 - 0.1 * s, "lr": 1e-3 * s,
+                   "grad_norm": 1.0, "skipped": s == 7}  # fmt: skip
+            if s == start + 1 and markers:
+                row["start"] = start
+            if s == start + 1 or s % 5 == 0:
+                clock += 1.024 * (s - start if s == start + 1 else 5)
+                row.update(tokens_per_s=50.0 if s == start + 1 else 1000.0,
+                           peak_memory=2**20, time=clock)  # fmt: skip
+            rows.append(row)
+            if s in (5, 10, 20, 25):
+                val = {5: 5.5, 10: 5.0, 20: 4.5, 25: 4.7}[s]
+                rows.append({"event": "eval", "step": s, "val_loss": val,
+                             "val_ppl": 1.0, "val_bpb": 2.0, "time": clock + 0.1})  # fmt: skip
+    (d / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return d
+
+
+def lines(ax) -> dict:
+    return {ln.get_label(): ln for ln in ax.get_lines()}
+
+
+def test_plot_data_of_a_resumed_run(tmp_path):
+    """Steps on the x axes, a break (NaN) and a dotted line at the resume, the
+    best validation starred, compiling steps out of throughput."""
+    run = plot.load_run(resumed_run(tmp_path))
+    assert run.starts() == [0, 10] and run.resumes() == [10]
+    fig = plot.build_figure([run])
+    ax_loss, ax_time, ax_lr, ax_tps = fig.axes
+    assert [ax.get_title() for ax in fig.axes] == list(plot.TITLES)
+    assert [ax.get_xlabel() for ax in (ax_loss, ax_lr, ax_tps)] == ["step"] * 3
+    nan = np.nan
+    steps = [s for s in range(1, 26) if s != 7]  # the skipped step is not drawn
+    gap = [*steps[:9], nan, *steps[9:]]
+    found = lines(ax_loss)
+    np.testing.assert_array_equal(found["r train"].get_xdata(), gap)
+    np.testing.assert_array_equal(found["_raw"].get_xdata(), gap)
+    assert np.isnan(found["r train"].get_ydata()[9])
+    np.testing.assert_array_equal(found["r val"].get_xdata(), [5, 10, nan, 20, 25])
+    best = found["r best: step 20, val 4.5000"]
+    assert list(best.get_xdata()) == [20] and list(best.get_ydata()) == [4.5]
+    assert list(found["r resumed"].get_xdata()) == [10, 10]
+    np.testing.assert_array_equal(lines(ax_lr)["r"].get_xdata(), gap)
+    tps = lines(ax_tps)["r"]
+    np.testing.assert_array_equal(tps.get_xdata(), [5, 10, nan, 15, 20, 25])
+    np.testing.assert_array_equal(tps.get_ydata(), [1000] * 2 + [nan] + [1000] * 3)
+    assert ax_time.get_xlabel() == "wall time (min)"  # > 2 minutes with the pause
+    mins = lines(ax_time)["r train"].get_xdata()
+    cut = int(np.flatnonzero(np.isnan(mins))[0])
+    assert cut == 9 and mins[cut + 1] - mins[cut - 1] > PAUSE / 60, mins
+    assert all(ax.child_axes[0].get_xlabel() == "tokens" for ax in (ax_loss, ax_lr))
+
+
+def test_best_is_the_best_checkpoint_when_its_folder_says(tmp_path):
+    d = resumed_run(tmp_path)
+    run = plot.load_run(d)
+    assert run.best()["step"] == 20  # no checkpoint folder: the lowest val_loss
+    best = tmp_path / "ck" / "r" / "best.json"
+    best.parent.mkdir(parents=True)
+    best.write_text(json.dumps({"step": 25, "metric": 4.7}))
+    assert run.best()["step"] == 25  # e.g. step 20 was validated, not saved
+    marker = [k for k in lines(plot.build_figure([run]).axes[0]) if "best" in k]
+    assert marker == ["r best: step 25, val 4.7000"]
+    best.write_text(json.dumps({"step": 30, "metric": 4.0}))  # not in this log
+    assert run.best()["step"] == 20
+
+
+def test_older_logs_resume_where_the_steps_jump(tmp_path):
+    """Logs without "start" markers: a session starts where a step does not follow
+    the previous one (and at the first row)."""
+    d = resumed_run(tmp_path, markers=False)
+    rows = [json.loads(x) for x in (d / "metrics.jsonl").read_text().splitlines()]
+    rows = [r for r in rows if not (r["event"] == "train" and 11 <= r["step"] <= 14)]
+    (d / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    assert plot.load_run(d).starts() == [0, 14]
+    assert plot.load_run(resumed_run(tmp_path, "c", markers=False)).starts() == [0]
+
+
+def test_report_of_a_resumed_run(tmp_path):
+    d = resumed_run(tmp_path)
+    s = report.summary(plot.load_run(d))
+    assert s["resumed"] == [10] and s["tokens_per_s"] == 1000.0  # compiling left out
+    assert s["best"]["step"] == 20 and s["skipped"] == 1
+    assert report.main([str(d)]) == 0
+    text = (d / "report.md").read_text()
+    assert "| resumed at | step 10 |" in text
+    assert "| throughput | 1,000 tokens/s" in text
+    assert_png(d / "training.png")
+
+
+def test_runs_with_other_tokens_per_step_say_so(tmp_path):
+    a, b = fake_run(tmp_path, "a", accum=1), fake_run(tmp_path, "b", accum=2)
+    fig = plot.build_figure([plot.load_run(a), plot.load_run(b)])
+    assert {"a (512 tok/step) train", "b (1,024 tok/step) train"} <= set(
+        lines(fig.axes[0])
+    )
+    assert not fig.axes[0].child_axes  # no one token scale for both

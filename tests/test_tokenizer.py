@@ -94,7 +94,8 @@ def test_special_ids(tok, tok_dir):
 
 
 def test_metadata_and_load(tok, tok_dir, corpus):
-    meta = json.loads((tok_dir / "tokenizer.json").read_text())
+    meta = json.loads((tok_dir / "tokenizer_info.json").read_text())
+    assert not (tok_dir / "tokenizer.json").exists()  # Hugging Face's name
     assert meta["vocab_size"] == 512 and meta["model_type"] == "bpe"
     assert meta["sha256"] == tok.sha256
     assert (
@@ -106,6 +107,29 @@ def test_metadata_and_load(tok, tok_dir, corpus):
     ]
     from_file = Tokenizer.load(tok_dir / "tokenizer.model")
     assert from_file.sha256 == tok.sha256 and from_file.dir == tok_dir
+
+
+def test_old_layout_folder_loads(tok, tok_dir, tmp_path):
+    """A folder from before the info file was renamed (info in tokenizer.json,
+    Hugging Face's name) loads as SentencePiece, its info still read; training
+    into it again replaces the old info file rather than leaving it stale."""
+    from src.tokenizer.kinds import load_tokenizer, save_tokenizer, tokenizer_kind
+
+    old = tmp_path / "old"
+    old.mkdir()
+    (old / "tokenizer.model").write_bytes((tok_dir / "tokenizer.model").read_bytes())
+    info = (tok_dir / "tokenizer_info.json").read_text()
+    (old / "tokenizer.json").write_text(info)
+    assert tokenizer_kind(old) == "sentencepiece"
+    for loaded in (load_tokenizer(old), Tokenizer.load(old)):
+        assert loaded.kind == "sentencepiece" and loaded.sha256 == tok.sha256
+    assert T.read_info(old) == json.loads(info)
+    copies = save_tokenizer(load_tokenizer(old), tmp_path / "copy")
+    assert sorted(c.name for c in copies) == ["tokenizer.json", "tokenizer.model"]
+    assert load_tokenizer(tmp_path / "copy").sha256 == tok.sha256
+    (old / "tokenizer.model").unlink()  # the info file alone is no tokenizer
+    with pytest.raises(TokenizerError, match="info file .* tokenizer.model"):
+        load_tokenizer(old)
 
 
 def test_load_errors_name_the_path(tmp_path):
@@ -298,7 +322,7 @@ def test_train_on_a_hub_dataset_offline(corpus, tmp_path, capsys, monkeypatch):
         (tmp_path / d / "tokenizer.model").read_bytes() for d in ("hub", "local")
     )
     assert hub == local, "the first 100 rows, exactly as from a local file"
-    meta = json.loads((tmp_path / "hub" / "tokenizer.json").read_text())
+    meta = json.loads((tmp_path / "hub" / "tokenizer_info.json").read_text())
     assert meta["corpus"]["files"] == [
         {"hf_dataset": "roneneldan/TinyStories", "config": None, "split": "train"}
     ]

@@ -269,8 +269,11 @@ def test_resume_refuses_changed_shape(tmp_path, tiny_dataset):
 
 
 def test_user_errors_exit_2_without_traceback(tmp_path, tiny_dataset):
-    # C12: nothing to resume
-    proc = run(tmp_path, tiny_dataset, "--resume", "auto")
+    # C12: nothing to resume: the run's only checkpoint folder is damaged
+    # (`--resume auto` on a run without any starts it: test_resume_extend.py)
+    c12 = tmp_path / "c12"
+    (c12 / "ck" / "tiny" / "step_00000005").mkdir(parents=True)
+    proc = run(c12, tiny_dataset, "--resume", "auto")
     assert proc.returncode == 2 and "nothing to resume" in proc.stderr
     # C11: output directory that cannot be created
     blocker = tmp_path / "file"

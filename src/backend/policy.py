@@ -16,7 +16,7 @@ split over one stream per core run them side by side (each stream with a
 one-thread BLAS); MLX orders a graph breadth-first only `MLX_BFS_MAX_WIDTH` (20)
 nodes wide, which queues one stream's whole forward pass before the other's; and
 the CPU allocator caches only 32 MiB, so each step faulted its activations in
-again. The measurements are in the README's speed section.
+again. The measurements are in docs/performance.md.
 """
 
 from __future__ import annotations

@@ -34,6 +34,7 @@ import mlx.core as mx
 
 from ..errors import CheckpointError
 from ..files import fsync_path, write_bytes, write_failure
+from ..tokenizer.kinds import save_tokenizer
 
 FORMAT = 1
 COMMIT = "COMMIT"
@@ -129,14 +130,20 @@ def _check_finite(group: str, arrays: dict[str, mx.array], step: int) -> None:
         )
 
 
-def _write_checkpoint_dir(tmp, step, weights, optimizer, meta, tokenizer_dir) -> None:
+def _write_checkpoint_dir(
+    tmp, step, weights, optimizer, meta, tokenizer_dir, tokenizer
+) -> None:
     tmp.mkdir()
     _write_arrays(tmp / "model.safetensors", weights)
     _write_arrays(tmp / "optimizer.safetensors", optimizer)  # written even if empty
     write_bytes(
         tmp / "meta.json", json.dumps({**meta, "step": step}, indent=2).encode()
     )
-    if tokenizer_dir is not None:
+    if tokenizer is not None:  # only the files that make it, never a model's weights
+        for path in save_tokenizer(tokenizer, tmp / "tokenizer"):
+            fsync_path(path)
+        fsync_path(tmp / "tokenizer")
+    elif tokenizer_dir is not None:
         (tmp / "tokenizer").mkdir()
         for src in sorted(Path(tokenizer_dir).iterdir()):
             if src.is_file():
@@ -225,8 +232,11 @@ def save_checkpoint(
     tokenizer_dir=None,
     keep_last: int = 3,
     metric: float | None = None,
+    tokenizer=None,
 ) -> Path:
-    """Write `<run_dir>/step_<step:08d>/` atomically and return its path.
+    """Write `<run_dir>/step_<step:08d>/` atomically and return its path; its
+    `tokenizer/` holds the files that make `tokenizer` (`src.tokenizer.kinds`),
+    or a copy of the files in `tokenizer_dir`.
 
     Refuses (CheckpointError, nothing written) if `<run_dir>/step_<step>` already
     exists (a saved checkpoint is never replaced) or any floating array is NaN/inf.
@@ -248,7 +258,9 @@ def save_checkpoint(
         run_dir.mkdir(parents=True, exist_ok=True)
         if tmp.exists():  # our own earlier failed attempt (or a recycled pid)
             shutil.rmtree(tmp)
-        _write_checkpoint_dir(tmp, step, weights, optimizer, meta, tokenizer_dir)
+        _write_checkpoint_dir(
+            tmp, step, weights, optimizer, meta, tokenizer_dir, tokenizer
+        )
         _install(tmp, final)
     except OSError as e:
         message = _failure(e, tmp, final)  # before the temp dir frees the space

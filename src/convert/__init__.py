@@ -1,3 +1,4 @@
 """Leaving MLX and coming back: export to PyTorch (`torch_export`, checked against
-the reference model in `torch_model`) and to Hugging Face, and import from it
-(`hf`); the command is `python -m src.convert` (`cli`)."""
+the reference model in `torch_model`), to Hugging Face with a model card (`hf`,
+`card`) and to GGUF for llama.cpp and Ollama (`gguf`), and import from Hugging
+Face (`hf_import`); the command is `python -m src.convert` (`cli`)."""

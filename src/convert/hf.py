@@ -7,8 +7,12 @@ weight`, ...), so every direction is a dictionary copy plus a config translation
 `model_type` llama, or qwen3 (Llama + per-head QK-norm before RoPE) when QK-norm is
 on. Weights go to safetensors straight from MLX (bf16 never passes through numpy);
 the tokenizer becomes a `tokenizer.json` built from our SentencePiece model, checked
-to encode like it. Both directions need transformers (an mlx-lm dependency),
-imported only when a tokenizer is written.
+to encode like it (with our chat template when the model was trained on
+conversations, whose end-of-turn marker `<|end|>` then joins EOS in
+`eos_token_id`, a list, so mlx-lm and transformers end a reply there);
+`README.md` is a model card (`src.convert.card`). Both directions
+need transformers (an mlx-lm dependency), imported only when a tokenizer is
+written.
 
 Neither direction writes over anything: `--to hf` needs a new (or empty) folder,
 checked before anything is converted, built under a temporary name and renamed
@@ -29,18 +33,18 @@ import mlx.core as mx
 
 from ..backend.policy import DTYPES
 from ..checkpoint.contents import open_checkpoint
+from ..checkpoint.hf_folder import ARCH, STASH  # what --from hf reads back
 from ..config import Config, ModelConfig
 from ..errors import ConvertError
 from ..files import check_writable, write_failure
+from ..template import CHAT
+from ..tokenizer.kinds import load_tokenizer, save_tokenizer, tokenizer_kind
 from ..tokenizer.spm import MODEL_FILE, Tokenizer
+from .card import chat_template_jinja, model_card
 
 HF_DTYPE_NAMES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
-STASH = "mlx_slm_trainer"  # config.json key holding our full config and step
 # ModelConfig fields that only matter for training: no inference format needs them.
 TRAINING_ONLY = {"dropout", "init_std", "gradient_checkpointing"}
-# What defines the computation (ModelConfig fields and properties).
-ARCH = ("vocab_size", "d_model", "n_layers", "n_heads", "kv_heads", "ffn_dim")
-ARCH += ("context_length", "rope_theta", "norm_eps", "qk_norm", "tie_embeddings")
 PROBE = "Once upon a time, 12 cats  sat\ton a mat.\n<|user|>Hi! héllo 日本<|end|>"
 
 
@@ -88,9 +92,23 @@ def hf_config(cfg: Config, dtype: str, step: int | None) -> dict:
     return out
 
 
-def write_hf_tokenizer(tok: Tokenizer, out: Path, context_length: int) -> None:
+def end_of_turn_id(tok: Tokenizer) -> int:
+    """The id of the marker that ends a chat reply (`src.template.CHAT`): a chat
+    model's export lists it among its EOS ids (config.json and
+    generation_config.json), so mlx-lm and transformers stop a reply there."""
+    (marker,) = CHAT.stop_markers
+    ids = tok.encode(marker)
+    if len(ids) != 1:
+        raise ConvertError(f"{tok.dir}: {marker} is not a single token")
+    return ids[0]
+
+
+def write_hf_tokenizer(
+    tok: Tokenizer, out: Path, context_length: int, chat: bool = False
+) -> None:
     """tokenizer.json + tokenizer_config.json (a LlamaTokenizer: BPE with byte
-    fallback, no prefix space), plus our tokenizer.model for `--from hf`."""
+    fallback, no prefix space; with our chat template when `chat`), plus our
+    tokenizer.model for `--from hf`."""
     from tokenizers.models import BPE
     from transformers import LlamaTokenizer
     from transformers.convert_slow_tokenizer import SentencePieceExtractor
@@ -111,6 +129,8 @@ def write_hf_tokenizer(tok: Tokenizer, out: Path, context_length: int) -> None:
             f"the Hugging Face tokenizer built from {spm_file} does not encode like "
             "the original; this transformers version is not supported for export"
         )
+    if chat:  # trained on conversations: apply_chat_template renders ours
+        hf.chat_template = chat_template_jinja()
     hf.save_pretrained(str(out))
     shutil.copyfile(spm_file, out / MODEL_FILE)
 
@@ -127,6 +147,14 @@ def to_hf(path, out, dtype: str = "fp32") -> Path:
     ck = open_checkpoint(path)
     cfg, weights, src = ck.config, ck.weights, ck.path
     config = hf_config(cfg, dtype, ck.meta.get("step"))
+    tok = None
+    if tokenizer_kind(ck.tokenizer_dir):
+        tok = load_tokenizer(ck.tokenizer_dir)
+        if tok.kind == "huggingface":  # its own special tokens, not ours
+            config.update(bos_token_id=tok.bos_id, eos_token_id=tok.eos_id)
+            config.update(pad_token_id=tok.pad_id)
+        elif ck.meta.get("chat_template"):  # replies end with <|end|>: stop there
+            config["eos_token_id"] = [config["eos_token_id"], end_of_turn_id(tok)]
     check_writable(out.parent)
     work = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
     tmp = work / "hf"  # made by mkdir: the usual permissions, not mkdtemp's 0700
@@ -143,13 +171,16 @@ def to_hf(path, out, dtype: str = "fp32") -> Path:
         ids = ("bos_token_id", "eos_token_id", "pad_token_id")
         generation = json.dumps({k: config[k] for k in ids}, indent=2)
         (tmp / "generation_config.json").write_text(generation + "\n")
-        if (src / "tokenizer" / MODEL_FILE).is_file():
-            tok = Tokenizer.load(src / "tokenizer")
-            write_hf_tokenizer(tok, tmp, cfg.model.context_length)
+        if tok is not None and tok.kind == "huggingface":
+            save_tokenizer(tok, tmp)  # tokenizer.json as it came
+        elif tok is not None:
+            chat = bool(ck.meta.get("chat_template"))
+            write_hf_tokenizer(tok, tmp, cfg.model.context_length, chat)
         else:
             print(
                 f"warning: {src} has no tokenizer/; wrote weights only", file=sys.stderr
             )
+        (tmp / "README.md").write_text(model_card(ck, str(out), dtype))
         os.rename(tmp, out)  # an empty folder `out` is replaced, a full one not
     except OSError as e:
         raise ConvertError(write_failure(out, e)) from None

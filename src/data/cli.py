@@ -30,10 +30,12 @@ from ..corpus.sources import (
 )
 from ..corpus.text import DOC_DELIMITER
 from ..errors import DataError
+from ..tokenizer.spm import EOS_ID
 from .documents import DEFAULT_MAX_REPETITION, DEFAULT_MIN_WORDS, QualityFilter
 from .download import download_tinystories
 from .interrupts import Interrupted, held, unwinding
 from .prepare import prepare_dataset, split_token_file, token_stats
+from .tokens import DATASET_META, is_mask_file
 
 _fraction = cli.number_in(0.0, 1.0, lo_open=True, hi_open=True)
 _share = cli.number_in(0.0, 1.0)
@@ -74,7 +76,8 @@ def _add_prepare(sub) -> None:
         text_field_help=f"field holding the text in jsonl/parquet/hub rows (default "
         f"{DEFAULT_TEXT_FIELD}; with --chat, messages)",
     )
-    add("--tokenizer", required=True, metavar="DIR", help="from src.tokenizer train")
+    add("--tokenizer", required=True, metavar="DIR", help="from src.tokenizer "
+        "train, or a Hugging Face tokenizer/model folder (tokenizer.json)")  # fmt: skip
     add("--output", required=True, metavar="DIR", help="folder for the token files")
     add("--delimiter", default=DOC_DELIMITER, help=DELIMITER_HELP)
     add(
@@ -83,7 +86,9 @@ def _add_prepare(sub) -> None:
         help="rows hold conversations (a list of {role, content} messages, the "
         "Hugging Face chat layout): render each in the chat template "
         "(<|system|>/<|user|>/<|assistant|>/<|end|>) and mark the data, so models "
-        "trained on it chat in that template",
+        "trained on it chat in that template; also writes which tokens are the "
+        "assistant's (train.mask.bin, val.mask.bin), so training counts only the "
+        "replies (training.loss_on)",
     )
     add(
         "--val-fraction",
@@ -125,9 +130,12 @@ def _add_prepare(sub) -> None:
     )
 
 
+EOS_HELP = "the EOS id (default: the one meta.json beside the file names, else 3)"
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
-        prog="python -m src.data",
+        prog=cli.program("src.data"),
         description="Turn text corpora into token files for training.",
     )
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -150,7 +158,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--val-tokens", type=cli.positive_int, metavar="N", help="tokens for val"
     )
     add("--exact", action="store_true", help="cut exactly, even inside a document")
-    add("--eos-id", type=cli.count, default=3, metavar="ID", help="(default 3)")
+    add("--eos-id", type=cli.count, metavar="ID", help=EOS_HELP)
     st = sub.add_parser(
         "stats",
         help="print the header, documents and size of token files",
@@ -158,7 +166,7 @@ def build_parser() -> argparse.ArgumentParser:
         "vocab size, documents (EOS count) and the largest id, as JSON lines.",
     )
     st.add_argument("paths", nargs="+", metavar="PATH", help="token files or folders")
-    st.add_argument("--eos-id", type=cli.count, default=3, metavar="ID")
+    st.add_argument("--eos-id", type=cli.count, metavar="ID", help=EOS_HELP)
     loc = sub.add_parser(
         "locate",
         help="print the corpus files to use, one per line",
@@ -213,6 +221,11 @@ def _prepare(args) -> None:
             print(f"{s}: {info['docs']} docs, {info['n_tokens']} tokens -> {out}")
         print("dropped: " + ", ".join(f"{n} {k}" for k, n in meta["dropped"].items()))
         print(f"duplicates dropped: {meta['duplicates_dropped']}")
+        for s, info in meta["splits"].items():
+            if "mask_file" in info:
+                n, total = info["assistant_tokens"], max(info["n_tokens"], 1)
+                out = Path(args.output) / info["mask_file"]
+                print(f"{s}: {n} assistant tokens ({n / total:.0%}) -> {out}")
         if skipped := skipped_summary(meta["skipped_rows"], text_field):
             print(skipped)
         n = sum(info["n_tokens"] for info in meta["splits"].values())
@@ -222,14 +235,31 @@ def _prepare(args) -> None:
         )
 
 
+def _eos_id(given: int | None, token_file: Path) -> int:
+    """--eos-id, else the EOS id that the meta.json beside `token_file` records
+    (a Hugging Face tokenizer's), else our SentencePiece tokenizer's."""
+    if given is not None:
+        return given
+    try:
+        meta = json.loads((token_file.parent / DATASET_META).read_text("utf-8"))
+        eos = meta["tokenizer"]["eos_id"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return EOS_ID
+    return eos if isinstance(eos, int) and not isinstance(eos, bool) else EOS_ID
+
+
 def _stats(args) -> None:
     for spec in args.paths:
         p = Path(spec)
-        files = sorted(p.glob("*.bin")) if p.is_dir() else [p]
+        files = (
+            sorted(f for f in p.glob("*.bin") if not is_mask_file(f))
+            if p.is_dir()
+            else [p]
+        )
         if not files:
             raise DataError(f"{p}: folder holds no .bin token files")
         for f in files:
-            print(json.dumps(token_stats(f, args.eos_id)))
+            print(json.dumps(token_stats(f, _eos_id(args.eos_id, f))))
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -264,7 +294,7 @@ def _run(args: argparse.Namespace) -> None:
             args.output,
             args.val_fraction,
             args.val_tokens,
-            None if args.exact else args.eos_id,
+            None if args.exact else _eos_id(args.eos_id, Path(args.input)),
         )
         with held():  # committed: a signal now only ends the command
             for s, info in meta["splits"].items():

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ..tokenizer.spm import Tokenizer
+from ..tokenizer.kinds import TokenizerLike
 from .tokens import token_dtype
 
 DEFAULT_MIN_WORDS = 5
@@ -110,7 +110,7 @@ class Encoded:
     tokens: np.ndarray
 
 
-def encode_documents(tok: Tokenizer, job: Job, texts: list[str]) -> Encoded:
+def encode_documents(tok: TokenizerLike, job: Job, texts: list[str]) -> Encoded:
     """Filter, hash and encode a batch of stripped texts."""
     codes = [_CODES[job.quality.reason(t)] for t in texts]
     ids = tok.encode_batch(
@@ -122,6 +122,30 @@ def encode_documents(tok: Tokenizer, job: Job, texts: list[str]) -> Encoded:
     dtype = token_dtype(tok.vocab_size)
     tokens = np.fromiter(itertools.chain.from_iterable(ids), dtype, lengths.sum())
     return Encoded(reasons, content_keys(texts), lengths, tokens)
+
+
+def assistant_mask(
+    tokens: np.ndarray, assistant_id: int, end_id: int, closers: tuple[int, ...]
+) -> np.ndarray:
+    """uint8 per token of whole chat documents (`src.template.CHAT`): 1 for the
+    tokens of each reply, from the one after `<|assistant|>` up to and including
+    the `<|end|>` that ends it; 0 for system and user turns, the `<|assistant|>`
+    marker itself and the `closers` (EOS, BOS). A token is in a reply when the
+    last `<|assistant|>` before it comes after the last `<|end|>` or closer before
+    it, so a conversation ending on an open `<|assistant|>` leaks nothing past
+    its EOS. Markers are single tokens (`prepare --chat` checks), so the ids
+    alone find the turns; O(n) numpy."""
+    tokens = np.asarray(tokens)
+    if tokens.size == 0:
+        return np.zeros(0, np.uint8)
+    pos = np.arange(len(tokens))
+    boundary = np.isin(tokens, closers)
+    opened = np.where(tokens == assistant_id, pos, -1)
+    closed = np.where((tokens == end_id) | boundary, pos, -1)
+    # the last opener / closer strictly before each position
+    last_open = np.maximum.accumulate(np.concatenate([[-1], opened[:-1]]))
+    last_close = np.maximum.accumulate(np.concatenate([[-1], closed[:-1]]))
+    return ((last_open > last_close) & ~boundary).astype(np.uint8)
 
 
 class SeenHashes:

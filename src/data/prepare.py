@@ -46,14 +46,25 @@ from ..corpus.sources import (
 from ..corpus.text import DOC_DELIMITER
 from ..errors import DataError
 from ..files import atomic_file, fsync_path, write_failure
-from ..tokenizer.spm import CHAT_MARKERS, Tokenizer
-from .documents import REASONS, Encoded, Job, QualityFilter, SeenHashes, is_val
+from ..tokenizer.kinds import TokenizerLike, load_tokenizer
+from ..tokenizer.spm import CHAT_MARKERS
+from .documents import (
+    REASONS,
+    Encoded,
+    Job,
+    QualityFilter,
+    SeenHashes,
+    assistant_mask,
+    is_val,
+)
 from .interrupts import held
 from .tokens import (
     DATASET_META,
     VERSION,
+    MaskWriter,
     TokenFileHeader,
     TokenWriter,
+    mask_name,
     open_tokens,
     read_header,
 )
@@ -73,7 +84,7 @@ def _check_options(val_fraction, max_docs, max_tokens, filt: QualityFilter) -> N
         raise DataError("need --min-words >= 0 and --max-repetition in [0, 1]")
 
 
-def _check_chat(sources: list[Source], tok: Tokenizer) -> None:
+def _check_chat(sources: list[Source], tok: TokenizerLike) -> None:
     """--chat reads conversations from records, in a tokenizer with chat markers."""
     if bad := [source for source in sources if not source.records]:
         raise DataError(
@@ -200,12 +211,14 @@ def prepare_dataset(
     is longer) or `batch_docs` texts of other sources. With `chat`, each record's
     `text_field` is a conversation, rendered in the chat template, and meta.json
     says `"chat_template": true` (the trainer copies it into its checkpoints, so
-    the REPL speaks to the model in that template).
+    the REPL speaks to the model in that template), and each split gets an
+    assistant mask, {split}.mask.bin (`src.data.tokens`; which tokens:
+    `src.data.documents.assistant_mask`), named in meta.json as its `mask_file`.
     """
     quality = quality or QualityFilter()
     _check_options(val_fraction, max_docs, max_tokens, quality)
     read = ReadOptions(delimiter, text_field, chat)
-    tok = Tokenizer.load(tokenizer)
+    tok = load_tokenizer(tokenizer)
     sources = open_sources(source)
     if chat:
         _check_chat(sources, tok)
@@ -214,7 +227,9 @@ def prepare_dataset(
     docs = dict.fromkeys(SPLITS, 0)
     dropped = dict.fromkeys(DROP_REASONS, 0)
     written, start = 0, time.perf_counter()
-    job = Job(str(tok.dir / "tokenizer.model"), quality, bos)
+    if bos and tok.bos_id is None:
+        raise DataError(f"--bos: the tokenizer {tok.dir} has no BOS token")
+    job = Job(str(tok.file), quality, bos)  # what the workers load
     tasks = (t for src in sources for t in src.tasks(read, batch_docs, range_bytes))
     with BatchRunner(job, workers) as runner, _NewFiles(Path(output)) as new:
         meta_file = new.open(DATASET_META, "w")  # opened first: committed last
@@ -222,6 +237,11 @@ def prepare_dataset(
             s: TokenWriter(new.open(f"{s}.bin"), tok.vocab_size, tok.sha256)
             for s in SPLITS
         }
+        masks, marker = {}, None
+        if chat:  # which tokens are the assistant's: the chat loss counts those
+            masks = {s: MaskWriter(new.open(mask_name(f"{s}.bin"))) for s in SPLITS}
+            closers = tuple(i for i in (tok.eos_id, tok.bos_id) if i is not None)
+            marker = (tok.encode("<|assistant|>")[0], tok.encode("<|end|>")[0], closers)
         bar = tqdm(unit=" docs", desc="prepare")
         results = runner.map(tasks)
         with bar, contextlib.closing(results):
@@ -234,6 +254,8 @@ def prepare_dataset(
                     docs[s] += n_docs
                     if tokens.size:
                         writers[s].write(tokens)
+                        if masks:  # whole documents: each chunk starts outside a reply
+                            masks[s].write(assistant_mask(tokens, *marker))
                         written += tokens.size
                 bar.update(n)
                 rate = written / max(time.perf_counter() - start, 1e-9)
@@ -251,11 +273,16 @@ def prepare_dataset(
                     "filters"
                 )
         headers = {s: w.finish() for s, w in writers.items()}
+        for w in masks.values():
+            w.finish()
         meta = {
             "format_version": VERSION,
             "tokenizer": {
                 "dir": str(tok.dir),
+                "kind": tok.kind,
                 "sha256": tok.sha256,
+                "bos_id": tok.bos_id,
+                "eos_id": tok.eos_id,
                 "vocab_size": tok.vocab_size,
             },
             "inputs": [src.describe() for src in sources],
@@ -279,6 +306,9 @@ def prepare_dataset(
                 for s in SPLITS
             },
         }
+        for s, w in masks.items():  # the loader opens the mask meta.json names
+            meta["splits"][s].update(mask_file=mask_name(f"{s}.bin"),
+                                     assistant_tokens=w.counted)  # fmt: skip
         json.dump(meta, meta_file, indent=2)
     return meta
 

@@ -37,6 +37,22 @@ resume). Validation windows are fixed, non-overlapping and in file order.
 `prepare` writes a meta.json sidecar beside the token files (document counts,
 tokenizer sha256, source). When it is there the loader checks it too: its token
 count must match the header, and with `tokenizer_sha256` given, the tokenizer.
+
+Assistant masks (`prepare --chat`): beside each token file X.bin a mask file
+X.mask.bin, named in meta.json (`mask_file` of the split), holds one uint8 per
+token, 1 where the token is part of an assistant's reply (the chat loss counts
+those targets), after a 24-byte header:
+
+    offset  size  field
+         0     8  magic       b"SLMMASK\0"
+         8     4  version     1
+        12     4  reserved    0
+        16     8  n_tokens    the token file's count
+
+The loader opens it with the token file and checks it as fully (magic, version,
+size, the count against the token file's, every value 0 or 1); a mask that
+meta.json names but that is missing or damaged is a DataError naming it. Mask
+windows are cut at the same offsets as the token windows.
 """
 
 from __future__ import annotations
@@ -65,6 +81,19 @@ HEADER_BYTES = {1: HEADER_SIZE, 2: HEADER_SIZE + TOKENIZER_FIELD.size}  # 32, 64
 DTYPES = {2: np.dtype("<u2"), 4: np.dtype("<u4")}
 SCAN_CHUNK = 4 * 1024 * 1024  # tokens per read when scanning for bad ids
 DATASET_META = "meta.json"
+MASK_MAGIC = b"SLMMASK\x00"
+MASK_VERSION = 1
+MASK_HEADER = struct.Struct("<8sIIQ")  # magic, version, 0, n_tokens: 24 bytes
+
+
+def mask_name(token_file: str) -> str:
+    """The mask file of a token file: train.bin -> train.mask.bin."""
+    stem = token_file[:-4] if token_file.endswith(".bin") else token_file
+    return f"{stem}.mask.bin"
+
+
+def is_mask_file(path: str | Path) -> bool:
+    return Path(path).name.endswith(".mask.bin")
 
 
 @dataclass(frozen=True)
@@ -159,6 +188,37 @@ def write_tokens(
     with atomic_file(path) as f:
         writer = TokenWriter(f, vocab_size, tokenizer_sha256)
         writer.write(tokens)
+        return writer.finish()
+
+
+class MaskWriter:
+    """Append assistant-mask chunks (0/1 per token) to a seekable binary file;
+    `finish` writes the header with the count."""
+
+    def __init__(self, f: BinaryIO):
+        self.f, self.n_tokens, self.counted = f, 0, 0
+        f.write(bytes(MASK_HEADER.size))  # placeholder until the count
+
+    def write(self, mask: np.ndarray) -> None:
+        arr = np.asarray(mask)
+        if arr.ndim != 1 or (arr.size and int(arr.max()) > 1):
+            raise ValueError("a mask is a 1-D array of 0s and 1s")
+        self.f.write(arr.astype(np.uint8, copy=False).tobytes())
+        self.n_tokens += arr.size
+        self.counted += int(np.count_nonzero(arr))
+
+    def finish(self) -> int:
+        self.f.seek(0)
+        self.f.write(MASK_HEADER.pack(MASK_MAGIC, MASK_VERSION, 0, self.n_tokens))
+        self.f.seek(0, os.SEEK_END)
+        return self.n_tokens
+
+
+def write_mask(path: str | Path, mask) -> int:
+    """Write a mask file atomically (tests, tools); returns its token count."""
+    with atomic_file(path) as f:
+        writer = MaskWriter(f)
+        writer.write(np.asarray(mask))
         return writer.finish()
 
 
@@ -364,6 +424,93 @@ def check_sidecar(
     return {**entry, "chat_template": bool(meta.get("chat_template"))}
 
 
+class MaskFile:
+    """The assistant mask of a token file of `n_tokens` tokens, opened once and
+    checked fully (see the module docstring); `take` cuts windows of it from a
+    fresh memory map, as `TokenLoader` does for tokens."""
+
+    def __init__(self, path: str | Path, n_tokens: int, token_file: Path):
+        self.path = Path(path)
+        try:
+            fd = os.open(self.path, os.O_RDONLY | os.O_NONBLOCK)
+        except (FileNotFoundError, NotADirectoryError):
+            raise DataError(
+                f"{self.path}: assistant mask not found ({token_file.parent / DATASET_META}"
+                f" names it for {token_file.name}); re-run `python -m src.data prepare "
+                "--chat`"
+            ) from None
+        self._fd = fd
+        self._closer = weakref.finalize(self, os.close, fd)
+        self._file = open(fd, "rb", buffering=0, closefd=False)
+        try:
+            if not stat.S_ISREG(os.fstat(fd).st_mode):
+                raise DataError(f"{self.path}: not a file (an assistant mask file)")
+            self._identity = self._stat()
+            self.counted = self._check(n_tokens, token_file)
+        except BaseException:
+            self.close()
+            raise
+        self.n_tokens = n_tokens
+
+    def close(self) -> None:
+        self._closer()
+
+    def _stat(self) -> tuple[int, int]:
+        st = os.fstat(self._fd)
+        return st.st_size, st.st_mtime_ns
+
+    def _check(self, n_tokens: int, token_file: Path) -> int:
+        """Header, size and values; the number of 1s."""
+        raw = os.pread(self._fd, MASK_HEADER.size, 0)
+        damaged = f"{self.path}: damaged assistant mask"
+        fix = "re-run `python -m src.data prepare --chat`"
+        if len(raw) < MASK_HEADER.size:
+            raise DataError(f"{damaged} ({len(raw)} bytes, no header); {fix}")
+        magic, version, _, n = MASK_HEADER.unpack(raw)
+        if magic != MASK_MAGIC:
+            raise DataError(f"{damaged} (magic {magic!r} != {MASK_MAGIC!r}); {fix}")
+        if version != MASK_VERSION:
+            raise DataError(
+                f"{self.path}: unsupported mask version {version} (expected "
+                f"{MASK_VERSION}); {fix}"
+            )
+        if n != n_tokens:
+            raise DataError(
+                f"{self.path}: masks {n} tokens but {token_file} holds {n_tokens} "
+                f"(files from different runs?); {fix}"
+            )
+        size = self._stat()[0]
+        if size != MASK_HEADER.size + n:
+            raise DataError(
+                f"{damaged} (its header declares {n} tokens, "
+                f"{MASK_HEADER.size + n} bytes, but the file has {size}); {fix}"
+            )
+        counted = 0
+        for start in range(0, n, SCAN_CHUNK):
+            want = min(SCAN_CHUNK, n - start)
+            chunk = np.frombuffer(
+                os.pread(self._fd, want, MASK_HEADER.size + start), np.uint8
+            )
+            if len(chunk) != want or (chunk.size and int(chunk.max()) > 1):
+                raise DataError(f"{damaged} (a value other than 0 or 1); {fix}")
+            counted += int(np.count_nonzero(chunk))
+        if self._stat() != self._identity:
+            raise DataError(f"{self.path}: changed while it was checked")
+        return counted
+
+    def take(self, starts: np.ndarray, length: int) -> np.ndarray:
+        """(len(starts), length) bool: mask[s : s + length] for each start."""
+        if self._stat() != self._identity:
+            raise DataError(
+                f"{self.path}: changed in place while in use; never rewrite a mask "
+                "file in place (re-run prepare, which writes new files)"
+            )
+        mask = np.memmap(self._file, np.uint8, "r", MASK_HEADER.size, (self.n_tokens,))
+        out = np.asarray(mask[starts[:, None] + np.arange(length)], bool)
+        del mask  # unmapped here, as the token windows
+        return out
+
+
 class TokenLoader:
     """Random training windows and fixed validation windows of a token file.
 
@@ -396,13 +543,33 @@ class TokenLoader:
             )
             self._check_unchanged()  # not changed while it was scanned
             self.meta = check_sidecar(self.path, self.header, tokenizer_sha256)
+            self.mask = self._open_mask()
         except BaseException:
             self.close()
             raise
 
+    def _open_mask(self) -> MaskFile | None:
+        """The assistant mask meta.json names for this file (None: none)."""
+        name = (self.meta or {}).get("mask_file")
+        if name is None:
+            return None
+        if not isinstance(name, str) or Path(name).name != name or not name:
+            raise DataError(
+                f"{self.path.parent / DATASET_META}: mask_file {name!r} is not a file "
+                "name beside the token file; re-run prepare --chat"
+            )
+        return MaskFile(self.path.parent / name, self.n_tokens, self.path)
+
+    @property
+    def has_mask(self) -> bool:
+        """Whether the file has an assistant mask (chat data, `prepare --chat`)."""
+        return getattr(self, "mask", None) is not None
+
     def close(self) -> None:
         """Release the file (idempotent; reads fail after it)."""
         self._closer()
+        if self.has_mask:
+            self.mask.close()
 
     @property
     def n_tokens(self) -> int:
@@ -444,17 +611,31 @@ class TokenLoader:
             )
         return out
 
+    def _masks(self, starts: np.ndarray, length: int) -> np.ndarray:
+        if not self.has_mask:
+            raise DataError(
+                f"{self.path}: no assistant mask (prepare --chat makes one)"
+            )
+        return self.mask.take(starts, length)
+
     def batch(
-        self, seed: int, step: int, batch_size: int, rows: slice = slice(None)
-    ) -> np.ndarray:
+        self,
+        seed: int,
+        step: int,
+        batch_size: int,
+        rows: slice = slice(None),
+        with_mask: bool = False,
+    ):
         """(batch_size, context_length + 1) int32, a pure function of (seed, step);
-        only `rows` of it are read and returned (a data-parallel rank's share)."""
+        only `rows` of it are read and returned (a data-parallel rank's share).
+        with_mask: (those windows, their assistant masks as bool)."""
         if min(seed, step) < 0 or batch_size < 1:
             raise ValueError(f"bad seed {seed}, step {step} or batch_size {batch_size}")
         L = self.context_length
         rng = np.random.default_rng([seed, step])
         starts = rng.integers(0, self.n_tokens - L, size=batch_size)[rows]  # start+L<n
-        return self._windows(starts, L + 1)
+        windows = self._windows(starts, L + 1)
+        return (windows, self._masks(starts, L + 1)) if with_mask else windows
 
     def num_val_windows(self, max_tokens: int | None = None) -> int:
         """Windows needed to cover max_tokens targets (None: the whole file)."""
@@ -466,15 +647,20 @@ class TokenLoader:
         return min(available, -(-max_tokens // self.context_length))
 
     def val_batches(
-        self, batch_size: int, max_tokens: int | None = None
-    ) -> Iterator[np.ndarray]:
+        self, batch_size: int, max_tokens: int | None = None, with_mask: bool = False
+    ) -> Iterator:
         """Windows i = tokens[i*L : i*L+L+1] from the file start, in order, until
-        max_tokens targets are covered; the last batch may be smaller."""
+        max_tokens targets are covered; the last batch may be smaller. with_mask:
+        (windows, their assistant masks as bool) pairs."""
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         L, n = self.context_length, self.num_val_windows(max_tokens)
         for first in range(0, n, batch_size):
             rows = np.arange(first, min(first + batch_size, n))
             # one read of the span the windows cover (they share their end tokens)
+            cut = rows[:, None] * L - first * L + np.arange(L + 1)
             span = self._windows(rows[:1] * L, len(rows) * L + 1)[0]
-            yield span[rows[:, None] * L - first * L + np.arange(L + 1)]
+            if with_mask:
+                yield span[cut], self._masks(rows[:1] * L, len(rows) * L + 1)[0][cut]
+            else:
+                yield span[cut]

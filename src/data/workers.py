@@ -26,7 +26,7 @@ from concurrent.futures.process import BrokenProcessPool
 
 from ..corpus.sources import Task, task_documents
 from ..errors import DataError
-from ..tokenizer.spm import Tokenizer
+from ..tokenizer.kinds import TokenizerLike, load_tokenizer
 from .documents import Encoded, Job, encode_documents
 
 # A .txt task: large enough that the per-task cost (~1 ms) is small, small enough
@@ -34,12 +34,12 @@ from .documents import Encoded, Job, encode_documents
 RANGE_BYTES = 1 << 18
 
 
-def run_task(tok: Tokenizer, job: Job, task: Task) -> Encoded:
+def run_task(tok: TokenizerLike, job: Job, task: Task) -> Encoded:
     """Read (for a text range), filter, hash and encode one task's documents."""
     return encode_documents(tok, job, task_documents(task))
 
 
-_WORKER: tuple[Tokenizer, Job] | None = None
+_WORKER: tuple[TokenizerLike, Job] | None = None
 PARENT_POLL_S = 0.5  # how often a worker checks that its parent is alive
 
 
@@ -50,7 +50,7 @@ def _init_worker(job: Job, parent: int | None) -> None:
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, signal.SIG_IGN)
     _exit_with_parent(parent)
-    _WORKER = (Tokenizer.load(job.tokenizer, threads=1), job)
+    _WORKER = (load_tokenizer(job.tokenizer, threads=1), job)
 
 
 def _exit_with_parent(parent: int | None) -> None:
@@ -108,7 +108,7 @@ class BatchRunner:
                 f"more only add memory), got {workers}"
             )
         self.job, self.workers = job, workers
-        self._local = Tokenizer.load(job.tokenizer, threads=1) if workers == 1 else None
+        self._local = load_tokenizer(job.tokenizer, threads=1) if workers == 1 else None
         self._pool = None
         if workers > 1:
             context = worker_context()

@@ -4,11 +4,15 @@ token file or on raw text, over the windows the trainer's validation uses
 
     python -m src.eval --checkpoint checkpoints/<run>/best --data valid.txt
     python -m src.eval --compare ck/a/best ck/b/best --data valid.txt --json
+    python -m src.eval --checkpoint out/hf --data valid.txt   # a Hugging Face folder
 
 Raw text (.txt, .jsonl, .parquet, a folder or a glob) is split into documents as
 `python -m src.data prepare` does (`--delimiter`), but not filtered or
 deduplicated: each document is encoded with the checkpoint's tokenizer as
 `tokens EOS`, and the documents are concatenated in order.
+
+A token file with an assistant mask (chat data, `prepare --chat`) is scored on
+the assistant's tokens only, as the chat fine-tune's validation does.
 """
 
 from __future__ import annotations
@@ -107,8 +111,9 @@ def evaluate_checkpoint(
                 )
             write_tokens(Path(tmp) / "text.bin", tokens, tokenizer.vocab_size)
             loader = TokenLoader(Path(tmp) / "text.bin", L, vocab)
-        evaluator = Evaluator(loader, batch_size, max_tokens, tokenizer.decode)
-        result = evaluator(make_eval_fn(model, streams=policy.streams()))
+        masked = loader.has_mask  # chat data: the assistant's tokens, as training
+        evaluator = Evaluator(loader, batch_size, max_tokens, tokenizer.decode, masked)
+        result = evaluator(make_eval_fn(model, streams=policy.streams(), masked=masked))
     return {
         "checkpoint": str(checkpoint),
         "step": meta.get("step"),
@@ -121,6 +126,7 @@ def evaluate_checkpoint(
         "tokens": result.tokens,
         "bytes": result.bytes,
         "text_bytes": text_bytes,
+        "loss_on": "assistant" if masked else "all",
         "windows": evaluator.windows,
         "context_length": L,
         "method": f"non-overlapping windows of {L} tokens, full context",
@@ -137,7 +143,8 @@ def format_one(r: dict) -> str:
         ("loss", f"{r['loss']:.4f} nats/token"),
         ("perplexity", f"{r['perplexity']:.3f}"),
         ("bits/byte", f"{r['bits_per_byte']:.4f}"),
-        ("tokens", f"{r['tokens']:,}"),
+        ("tokens", f"{r['tokens']:,}" + (" (the assistant's tokens only)"
+                                           if r["loss_on"] == "assistant" else "")),
         ("bytes", f"{r['bytes']:,}"),
     ]  # fmt: skip
     return "\n".join(f"{k:<11} {v}" for k, v in rows)
@@ -176,7 +183,7 @@ def format_table(results: list[dict]) -> str:
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
-        prog="python -m src.eval",
+        prog=cli.program("src.eval"),
         description="Mean loss, perplexity and bits per byte of checkpoints on a "
         "token file (.bin, e.g. data/tinystories/val.bin) or raw text (.txt, "
         ".jsonl, .parquet, a folder or a glob; tokenized with each checkpoint's "
@@ -187,7 +194,12 @@ def build_parser() -> argparse.ArgumentParser:
         "checkpoints/a/best checkpoints/b/best --data valid.txt --json",
     )
     which = p.add_mutually_exclusive_group(required=True)
-    which.add_argument("--checkpoint", metavar="DIR", help="a checkpoint folder")
+    which.add_argument(
+        "--checkpoint",
+        metavar="DIR",
+        help="a checkpoint or run folder, or a Hugging Face model folder "
+        "(config.json + *.safetensors, with its tokenizer)",
+    )
     which.add_argument(
         "--compare", nargs="+", metavar="DIR", help="several checkpoints: a table"
     )

@@ -8,6 +8,11 @@ token is scored once, with between 1 and L tokens of context. Bits per byte =
 (summed loss in nats) / ln 2 / (UTF-8 bytes of the target text), comparable across
 tokenizers; the bytes come from decoding each window's targets with the run's
 tokenizer (special tokens such as EOS decode to zero bytes).
+
+Masked evaluation (chat data with an assistant mask, `masked=True`): only the
+targets the mask counts are scored; the loss is their mean, and bits per byte is
+over their bytes (each window's counted targets decoded together), the number
+the chat fine-tune's training loss estimates.
 """
 
 from __future__ import annotations
@@ -23,18 +28,27 @@ import numpy as np
 from ..data.tokens import TokenLoader
 from ..model.loss import summed_loss
 
-LossSum = Callable[[mx.array], mx.array]  # batch (B, L+1) -> summed loss in nats
+# batch (B, L+1) [, mask (B, L+1) bool] -> summed loss in nats
+LossSum = Callable[..., mx.array]
 
 
 def make_eval_fn(
-    model: nn.Module, compile: bool = True, streams: list[mx.Stream] | None = None
+    model: nn.Module,
+    compile: bool = True,
+    streams: list[mx.Stream] | None = None,
+    masked: bool = False,
 ) -> LossSum:
-    """eval(batch (B, L+1)) -> summed next-token loss in nats (fp32 weights)."""
+    """eval(batch (B, L+1)) -> summed next-token loss in nats (fp32 weights);
+    with `masked`, eval(batch, mask) sums the targets the mask counts."""
 
     def total_loss(batch: mx.array) -> mx.array:
         return summed_loss(model, batch, streams)
 
-    return mx.compile(total_loss, inputs=[model.state]) if compile else total_loss
+    def masked_loss(batch: mx.array, mask: mx.array) -> mx.array:
+        return summed_loss(model, batch, streams, mask=mask)
+
+    fn = masked_loss if masked else total_loss
+    return mx.compile(fn, inputs=[model.state]) if compile else fn
 
 
 @dataclass
@@ -60,21 +74,48 @@ class EvalResult:
         }
 
 
-def count_bytes(batches: list[np.ndarray], decode: Callable[[list[int]], str]) -> int:
-    """UTF-8 bytes of the target tokens (all but the first of each window)."""
+def count_bytes(
+    batches: list[np.ndarray],
+    decode: Callable[[list[int]], str],
+    masks: list[np.ndarray] | None = None,
+) -> int:
+    """UTF-8 bytes of the target tokens (all but the first of each window; with
+    `masks`, only those they count)."""
+    if masks is None:
+        return sum(
+            len(decode(row[1:].tolist()).encode("utf-8")) for b in batches for row in b
+        )
     return sum(
-        len(decode(row[1:].tolist()).encode("utf-8")) for b in batches for row in b
+        len(decode(row[1:][keep[1:]].tolist()).encode("utf-8"))
+        for b, m in zip(batches, masks, strict=True)
+        for row, keep in zip(b, m, strict=True)
     )
 
 
 class Evaluator:
-    """Evaluates a model on a fixed set of validation windows (cached between calls)."""
+    """Evaluates a model on a fixed set of validation windows (cached between
+    calls); `masked`: on the targets of the loader's assistant mask only."""
 
-    def __init__(self, loader: TokenLoader, batch_size: int, max_tokens: int, decode):
-        self.batches = list(loader.val_batches(batch_size, max_tokens))
+    def __init__(
+        self,
+        loader: TokenLoader,
+        batch_size: int,
+        max_tokens: int,
+        decode,
+        masked: bool = False,
+    ):
+        self.masked = masked
+        self.masks = None
+        if masked:
+            pairs = list(loader.val_batches(batch_size, max_tokens, with_mask=True))
+            self.batches = [b for b, _ in pairs]
+            self.masks = [m for _, m in pairs]
+            self.tokens = sum(int(m[:, 1:].sum()) for m in self.masks)
+        else:
+            self.batches = list(loader.val_batches(batch_size, max_tokens))
+            self.tokens = sum(b.shape[0] * (b.shape[1] - 1) for b in self.batches)
         self.windows = sum(b.shape[0] for b in self.batches)
-        self.tokens = sum(b.shape[0] * (b.shape[1] - 1) for b in self.batches)
-        self.bytes = count_bytes(self.batches, decode)
+        self.bytes = count_bytes(self.batches, decode, self.masks)
 
     def __call__(
         self,
@@ -86,8 +127,12 @@ class Evaluator:
         `world` data-parallel ranks, each scores batches rank, rank + world, ... and
         the sums are added over the ranks: every rank returns the whole result."""
         total = mx.array(0.0)
-        for batch in self.batches[rank::world]:
-            total = total + loss_sum_fn(mx.array(batch, dtype=mx.int32))
+        masks = self.masks if self.masked else [None] * len(self.batches)
+        for batch, mask in zip(self.batches[rank::world], masks[rank::world]):
+            args = [mx.array(batch, dtype=mx.int32)]
+            if mask is not None:
+                args.append(mx.array(mask))
+            total = total + loss_sum_fn(*args)
             mx.eval(total)  # bound memory: one batch in flight
         if world > 1:
             total = mx.distributed.all_sum(total)

@@ -4,19 +4,22 @@ The conversation stays in the KV cache: `Chat.tokens` is the transcript, the cac
 holds a prefix of it, and a turn prefills only what the cache lacks (normally the
 new user turn). When the context would overflow, the system prompt and the most
 recent tokens are kept and the cache is rebuilt from them (RoPE positions
-change, so it cannot be shifted in place). Ctrl-C stops a reply, Ctrl-D leaves.
-A line that is not valid UTF-8 is refused with a message; the conversation goes
-on. /save writes the conversation as one JSONL row in the Hugging Face
-`messages` layout (what `python -m src.data prepare --chat` reads) to a new file,
-never over one. A message longer than the context keeps its last tokens, with a
-warning. The CLI's --prompt, if any, is the first message.
+change, so it cannot be shifted in place). A message longer than the context
+keeps its last tokens, with a warning; the template's markers around it stay.
+Reply k of a conversation (k = 0 after a reset) samples with seed + k, so a
+reply depends only on the settings and the conversation so far. /save writes the
+conversation as one JSONL row in the Hugging Face `messages` layout (what
+`python -m src.data prepare --chat` reads) to a new file, never over one.
+
+The loop is `repl`; what it reads (lines, \"\"\" blocks, history) is
+`lineinput`, the slash commands are `chat_commands`. Ctrl-C stops a reply,
+Ctrl-D leaves. A line that is not valid UTF-8 is refused with a message; the
+conversation goes on. The CLI's --prompt, if any, is the first message.
 """
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
-import io
 import json
 import os
 import sys
@@ -25,10 +28,12 @@ from collections.abc import Sequence
 import mlx.core as mx
 
 from ..errors import UserError
-from ..files import atomic_file, write_failure
+from ..files import atomic_file
 from ..template import CHAT, PLAIN, Template
 from .cache import make_cache
+from .chat_commands import COMMANDS, NAMES, QUIT, command
 from .generate import Stats, generate_step
+from .lineinput import HISTORY, LineReader
 from .sampling import LIMITS, Sampling
 from .streaming import TextStreamer, check_utf8
 
@@ -51,29 +56,50 @@ class Chat:
         markers = {tokenizer.encode(m)[0] for m in template.stop_markers}
         self.stop_ids = {tokenizer.eos_id} | markers
         self.n_end = len(tokenizer.encode(template.reply_end))
-        self.system, self.stats, self.turns = "", Stats(), 0
+        # the user turn's markers: what comes before and after the message
+        before, after = template.user.split("{}")
+        self.around = [tokenizer.encode(x) if x else [] for x in (before, after)]
+        self.system, self.stats = "", Stats()
         self.reset()
 
     def reset(self) -> None:
+        """A new conversation (the system prompt stays); the next reply is reply 0."""
         self.cache, self.tokens, self.transcript = make_cache(self.model), [], []
+        self.replies = 0
         if self.system:
             self.tokens = self.tok.encode(self.t.system.format(self.system))
             self.transcript.append(("system", self.system))
 
-    def _fit(self, new: list[int], room: int) -> list[int]:
-        """Make `new` and `room` reply tokens fit: drop the oldest tokens after the
-        system prompt (then it too) and rebuild the cache from what is kept. A
-        message that alone leaves no `room` keeps its last tokens, with a warning."""
-        if len(new) > (budget := self.context - room):
+    def user_turn(self, text: str, budget: int) -> tuple[list[int], int]:
+        """The user turn of `text` as ids, at most `budget` of them when that can
+        be done: a longer one keeps the template's markers and the message's last
+        tokens. Also returns how many tokens the message lost."""
+        turn = self.tok.encode(self.t.user.format(text))
+        (before, after), n = self.around, len(turn)
+        if n <= budget:
+            return turn, 0
+        body = turn[len(before) : n - len(after)]
+        if turn[: len(before)] != before or turn[n - len(after) :] != after:
+            body = self.tok.encode(text)  # the text merged with a marker: apart
+        keep = max(budget - len(before) - len(after), 1)
+        return before + body[-keep:] + after, max(len(body) - keep, 0)
+
+    def _fit(self, text: str, room: int) -> list[int]:
+        """The user turn of `text`, made to fit with `room` reply tokens: drop the
+        oldest tokens after the system prompt (then it too) and rebuild the cache
+        from what is kept. A message that alone leaves no `room` loses its first
+        tokens (the markers stay), with a warning."""
+        new, lost = self.user_turn(text, budget := self.context - room)
+        if lost:
             before = " and the conversation before it" if self.tokens else ""
             print(
-                f"warning: the message has {len(new)} tokens, more than fit the "
-                f"context ({self.context}, {room} kept for the reply); dropped its "
-                f"first {len(new) - budget}{before}",
+                f"warning: the message has {len(new) + lost} tokens with its "
+                f"markers, more than fit the context ({self.context}, {room} kept "
+                f"for the reply); dropped its first {lost}{before}",
                 file=self.out,
             )
             self.tokens, self.cache = [], make_cache(self.model)
-            return new[-budget:]
+            return new
         if len(self.tokens) + len(new) + room <= self.context:
             return new
         head = self.tok.encode(self.t.system.format(self.system)) if self.system else []
@@ -87,12 +113,13 @@ class Chat:
     def say(self, text: str) -> str:
         """Add a user turn, stream the reply to `out`, return its text."""
         room = min(self.s.max_tokens, self.context // 2) + self.n_end
-        new = self._fit(self.tok.encode(self.t.user.format(text)), room)
+        new = self._fit(text, room)
         self.tokens += new  # after _fit, which may replace self.tokens
         prompt = mx.array([self.tokens[self.cache[0].offset :]])  # not yet cached
         n_new = min(self.s.max_tokens, self.context - len(self.tokens) - self.n_end)
-        s = dataclasses.replace(self.s, seed=self.s.seed + self.turns)
-        self.turns, self.stats = self.turns + 1, Stats()
+        seed = (self.s.seed + self.replies) % (LIMITS["seed"].hi + 1)
+        s = dataclasses.replace(self.s, seed=seed)
+        self.replies, self.stats = self.replies + 1, Stats()
         streamer, fed = TextStreamer(self.tok, s.stop), list(self.tokens)
         history = mx.array([self.tokens])
         steps = generate_step(
@@ -153,106 +180,6 @@ class Chat:
             f.write(json.dumps({"messages": messages}, ensure_ascii=False) + "\n")
 
 
-HELP = """commands:
-  /help              this list
-  /show              every current setting
-  /set NAME VALUE    set one (/set alone lists the names and their limits)
-  /temp X  /top_k N  /top_p X  /min_p X  /rep_penalty X  /max_tokens N  /seed N
-                     set a sampling option (no argument: show it)
-  /system TEXT       set the system prompt and reset the conversation
-  /system            show the system prompt
-  /system clear      remove it and reset the conversation
-  /reset  /clear     forget the conversation (keeps the system prompt)
-  /save FILE.jsonl   write the conversation as one {"messages": [...]} row, the
-                     layout `python -m src.data prepare --chat` reads (a new file)
-  /stats             tokens and speed of the last reply
-  /quit  /bye        leave (also q, quit, exit or Ctrl-D); Ctrl-C stops a reply
-a line starting with / (after any spaces) is a command, anything else a message"""
-
-QUIT = {"/quit", "/bye", "q", "quit", "exit"}  # a whole line, any case
-OPTIONS = {  # command -> the Sampling field it sets (parsed as that field's type)
-    "/temp": "temperature", "/top_k": "top_k", "/top_p": "top_p", "/min_p": "min_p",
-    "/rep_penalty": "repetition_penalty", "/max_tokens": "max_tokens", "/seed": "seed",
-}  # fmt: skip
-NAMES = {**{k[1:]: v for k, v in OPTIONS.items()}, **{k: k for k in LIMITS}}
-
-
-def set_option(chat: Chat, field: str, arg: str) -> None:
-    """Set the Sampling `field` from `arg` within its LIMITS (an error keeps the
-    old value), then show it."""
-    if arg:
-        try:
-            value = LIMITS[field].parse(arg)
-            chat.s = dataclasses.replace(chat.s, **{field: value}).check()
-        except (ValueError, argparse.ArgumentTypeError) as exc:
-            print(f"error: {field}: {exc}", file=chat.out)
-            return
-    print(f"{field} = {getattr(chat.s, field)}", file=chat.out)
-
-
-def show(chat: Chat) -> str:
-    """Every current setting, one `name = value` a line."""
-    rows = [(name, getattr(chat.s, name)) for name in LIMITS]
-    rows += [("stop", chat.s.stop), ("template", chat.t.name)]
-    rows += [("system", repr(chat.system) if chat.system else "(none)")]
-    rows += [("context", f"{len(chat.tokens)}/{chat.context} tokens used")]
-    return "\n".join(f"{name} = {value}" for name, value in rows)
-
-
-def command(chat: Chat, line: str) -> bool:
-    """Run one slash command; False means quit."""
-    name, _, arg = line.strip().partition(" ")
-    arg, out = arg.strip(), chat.out
-    if name.lower() in QUIT:
-        return False
-    if name in OPTIONS:
-        set_option(chat, OPTIONS[name], arg)
-    elif name == "/set" and not arg:
-        print("settings (/set NAME VALUE):", file=out)
-        for field, limit in LIMITS.items():
-            short = [k for k, v in NAMES.items() if v == field and k != field]
-            alias = f" (or {short[0]})" if short else ""
-            print(f"  {field}{alias}: {limit.rule()}", file=out)
-    elif name == "/set":
-        key, _, value = arg.partition(" ")
-        if key in NAMES and value.strip():
-            set_option(chat, NAMES[key], value.strip())
-        elif key in NAMES:
-            print(f"usage: /set {key} VALUE ({LIMITS[NAMES[key]].rule()})", file=out)
-        else:
-            print(f"error: no setting {key!r}; /set lists them", file=out)
-    elif name == "/show":
-        print(show(chat), file=out)
-    elif name in ("/reset", "/clear"):
-        chat.reset()
-        print("[conversation reset]", file=out)
-    elif name == "/system" and not arg:
-        now = f"system prompt: {chat.system!r}" if chat.system else "no system prompt"
-        print(f"[{now}; /system TEXT sets it, /system clear removes it]", file=out)
-    elif name == "/system":
-        chat.system = "" if arg == "clear" else arg
-        chat.reset()
-        done = "removed" if arg == "clear" else "set"
-        print(f"[system prompt {done}; conversation reset]", file=out)
-    elif name == "/save" and not arg:
-        print("usage: /save FILE.jsonl", file=out)
-    elif name == "/save":
-        path = os.path.expanduser(arg)
-        try:
-            chat.save(path)
-            print(f"[saved {path}]", file=out)
-        except (FileExistsError, ValueError) as exc:
-            print(f"error: {exc}", file=out)
-        except OSError as exc:
-            print(f"error: {write_failure(path, exc)}", file=out)
-    elif name == "/stats":
-        used = f"{len(chat.tokens)}/{chat.context} tokens in context"
-        print(f"[{chat.stats.summary()}; {used}]", file=out)
-    else:
-        print(HELP if name == "/help" else f"unknown command {line!r}; /help", file=out)
-    return True
-
-
 def repl(
     model,
     tokenizer,
@@ -262,30 +189,19 @@ def repl(
     inp=input,
     out=sys.stdout,
     first: Sequence[str] = (),
+    history: str | None = HISTORY,
 ) -> int:
-    """Read lines until /quit or end of input; return the exit status. The
-    lines of `first` (the CLI's --prompt) come before the input's, shown after
-    the `>>> ` prompt as if typed."""
-    try:
-        import readline  # noqa: F401  (line editing and history for input())
-    except ImportError:
-        pass
-    if inp is input and isinstance(sys.stdin, io.TextIOWrapper):
-        # bytes that are not UTF-8 come in as lone surrogates (refused below)
-        # rather than as a UnicodeDecodeError that would end the conversation
-        sys.stdin.reconfigure(errors="surrogateescape")
+    """Read entries until /quit or end of input; return the exit status. The
+    lines of `first` (the CLI's --prompt) come before the input's. `history` is
+    the history file (None: none), used when the input is a terminal."""
+    reader = LineReader(out, inp, first, history, COMMANDS, sorted(NAMES))
     chat = Chat(
         model, tokenizer, sampling, pick_template(template, tokenizer, meta), out
     )
     print(f"[{chat.t.name} template, context {chat.context}; /help]", file=out)
-    queued = list(first)
     while True:
         try:
-            if queued:
-                line = queued.pop(0)
-                print(f">>> {line}", file=out)
-            else:
-                line = inp(">>> ")
+            line, message = reader.read()
         except EOFError:
             print(file=out)
             return 0
@@ -293,13 +209,13 @@ def repl(
             print(file=out)
             continue
         try:
-            check_utf8(line, "that line")
+            check_utf8(line, "that message" if message else "that line")
         except UserError as exc:
             print(f"error: {exc}; nothing was sent, go on", file=out)
             continue
-        if line.strip().lower() in QUIT:
+        if not message and line.strip().lower() in QUIT:
             return 0
-        if line.lstrip().startswith("/"):
+        if not message and line.lstrip().startswith("/"):
             if not command(chat, line):
                 return 0
         elif line.strip():

@@ -4,8 +4,10 @@
     python -m src.inference --checkpoint DIR --prompts-file P.txt --output out.jsonl
     python -m src.inference --checkpoint DIR --interactive [--prompt "Hi"]
 
---checkpoint takes a checkpoint folder or a run folder (its best, else latest,
-checkpoint). Without --seed, sampling takes a random seed and prints it on stderr.
+--checkpoint takes a checkpoint folder, a run folder (its best, else latest,
+checkpoint), or a Hugging Face Llama/Qwen3 folder (config.json, *.safetensors and
+its tokenizer: our tokenizer.model, else tokenizer.json), read in memory.
+Without --seed, sampling takes a random seed and prints it on stderr.
 The checkpoint folder is self-contained: its meta.json holds the model config and
 its tokenizer/ folder the tokenizer. Layer 3 of three: this CLI and the REPL
 (`chat`) sit on `streaming` (text), which sits on `generate` (tokens).
@@ -70,7 +72,7 @@ def one_shot(model, tokenizer, prompt: str, s: Sampling, stats: Stats) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
-        prog="python -m src.inference",
+        prog=cli.program("src.inference"),
         description="Generate text from a checkpoint: --prompt, --prompts-file or "
         "--interactive (a chat REPL; /help inside). Output text streams as it is "
         "generated; --stats prints token counts, tokens/s and peak memory.",
@@ -78,8 +80,10 @@ def build_parser() -> argparse.ArgumentParser:
         '--prompt "Once upon a time" --temperature 0.8 --top-p 0.9',
     )
     add = p.add_argument
-    add("--checkpoint", required=True, metavar="DIR", help="e.g. checkpoints/R/best")
-    add("--tokenizer", metavar="DIR", help="default: the checkpoint's own tokenizer/")
+    add("--checkpoint", required=True, metavar="DIR", help="e.g. checkpoints/R/best, "
+        "or a Hugging Face model folder (config.json + *.safetensors)")  # fmt: skip
+    add("--tokenizer", metavar="DIR", help="default: the checkpoint's own "
+        "tokenizer/ (a Hugging Face folder's: its own)")  # fmt: skip
     mode = p.add_argument_group("mode (default: one empty prompt)").add_argument
     mode("--prompt", action="append", default=[], help="prompt text (repeatable)")
     mode("--prompts-file", metavar="F", help="a file with one prompt per line")
@@ -94,6 +98,11 @@ def build_parser() -> argparse.ArgumentParser:
     mode("--template", choices=("auto", "chat", "plain"), default="auto",
          help="REPL turn format: chat markers, plain continuation, or auto = chat "
          "if meta.json has chat_template: true (default auto)")  # fmt: skip
+    hist = p.add_argument_group("REPL history (when the input is a terminal)")
+    hist = hist.add_mutually_exclusive_group().add_argument
+    hist("--history", metavar="FILE", help="keep typed input in FILE, appended to, "
+         "recalled with the up arrow next time (default ~/.slm_chat_history)")  # fmt: skip
+    hist("--no-history", action="store_true", help="read and write no history file")
     perf = p.add_argument_group("speed and memory").add_argument
     perf("--quantize", type=int, choices=(4, 8), help="quantize weights to 4 or 8 bits")
     perf("--dtype", choices=tuple(DTYPES), help="compute dtype (default: as saved)")
@@ -113,6 +122,9 @@ def generate(args: argparse.Namespace) -> int:
         raise UsageError(str(exc)) from None
     if args.output and not args.prompts_file:
         raise UsageError("--output needs --prompts-file")
+    if (args.history or args.no_history) and not args.interactive:
+        flag = "--history" if args.history else "--no-history"
+        raise UsageError(f"{flag} needs --interactive")
     for i, text in enumerate(args.prompt, 1):
         check_utf8(text, f"--prompt #{i}" if len(args.prompt) > 1 else "--prompt")
     for text in s.stop:
@@ -127,8 +139,11 @@ def generate(args: argparse.Namespace) -> int:
         print(f"seed {s.seed} (pass --seed {s.seed} to reproduce)", file=sys.stderr)
     if args.interactive:
         from .chat import repl
+        from .lineinput import HISTORY
 
-        return repl(model, tokenizer, meta, s, args.template, first=args.prompt)
+        history = None if args.no_history else args.history or HISTORY
+        return repl(model, tokenizer, meta, s, args.template, first=args.prompt,
+                    history=history)  # fmt: skip
     if prompts is not None:
         return complete_file(
             model, tokenizer, prompts, s, args.batch_size, args.output, args.stats

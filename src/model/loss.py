@@ -4,6 +4,12 @@ A window is context + 1 tokens: inputs w[:-1], targets w[1:]. The loss is summed
 in fp32 whatever the compute dtype. A batch's rows may be split across several
 streams (`src.backend.policy.streams`): each shard's forward, and so its
 backward, runs on its own stream, and the sums are added.
+
+With a mask (B, L+1) of the tokens that count (chat data: the assistant's
+replies, `src.data.tokens`), only targets whose mask is set are summed: the
+others are selected away (`mx.where`), so their gradient is exactly zero. The
+mean is over the counted targets; a batch with none has loss 0 and zero
+gradients (`masked_mean_loss`).
 """
 
 from __future__ import annotations
@@ -25,20 +31,60 @@ def _shards(batch: mx.array, streams: list[mx.Stream] | None):
     return [(streams[i], batch[bounds[i] : bounds[i + 1]]) for i in range(n)]
 
 
+def summed_cross_entropy(
+    logits: mx.array,
+    targets: mx.array,
+    smoothing: float = 0.0,
+    mask: mx.array | None = None,
+) -> mx.array:
+    """Summed cross-entropy of logits (B, L, V) against targets (B, L); with a
+    bool `mask` (B, L), only where it is set."""
+    losses = kernels.cross_entropy(logits, targets, smoothing)
+    if mask is not None:
+        losses = mx.where(mask, losses, 0.0)
+    return losses.sum()
+
+
 def summed_loss(
     model: nn.Module,
     batch: mx.array,
     streams: list[mx.Stream] | None = None,
     smoothing: float = 0.0,
+    mask: mx.array | None = None,
 ) -> mx.array:
     """Summed next-token cross-entropy of `batch` (B, L+1) in fp32; its rows are
-    split across `streams` (their backward runs on the same streams)."""
+    split across `streams` (their backward runs on the same streams). With a
+    bool `mask` (B, L+1), only the targets whose mask is set count."""
     total = mx.array(0.0)
-    for stream, rows in _shards(batch, streams):
+    shards = _shards(batch, streams)
+    masks = [m for _, m in _shards(mask, streams)] if mask is not None else None
+    for i, (stream, rows) in enumerate(shards):
         with mx.stream(stream) if stream is not None else contextlib.nullcontext():
             logits = model(rows[:, :-1]).astype(mx.float32)
-            total = total + kernels.cross_entropy(logits, rows[:, 1:], smoothing).sum()
+            counted = masks[i][:, 1:] if masks is not None else None
+            total = total + summed_cross_entropy(
+                logits, rows[:, 1:], smoothing, counted
+            )
     return total
+
+
+def counted_targets(mask: mx.array) -> mx.array:
+    """The targets a mask (..., L+1) counts, at least 1 (fp32): the divisor of the
+    masked mean, so a batch without any has loss 0, not NaN."""
+    return mx.maximum(mask[..., 1:].sum(), 1).astype(mx.float32)
+
+
+def masked_mean_loss(
+    model: nn.Module,
+    batch: mx.array,
+    mask: mx.array,
+    label_smoothing: float = 0.0,
+    streams: list[mx.Stream] | None = None,
+) -> mx.array:
+    """Mean next-token cross-entropy of `batch` (B, L+1) over the targets `mask`
+    counts (0 when it counts none)."""
+    total = summed_loss(model, batch, streams, label_smoothing, mask)
+    return total / counted_targets(mask)
 
 
 def mean_loss(

@@ -26,7 +26,8 @@ from ..corpus.sources import (
     sources_from_args,
 )
 from ..errors import TokenizerError, utf8_problem
-from .spm import MAX_VOCAB, MIN_VOCAB, MODEL_FILE, Tokenizer
+from .kinds import TokenizerLike, load_tokenizer
+from .spm import MAX_VOCAB, MIN_VOCAB, MODEL_FILE
 from .training import (
     DEFAULT_COVERAGE,
     DEFAULT_HUB_DOCS,
@@ -41,7 +42,7 @@ COVERAGE = cli.number_in(MIN_COVERAGE, 1.0)  # --character-coverage
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
-        prog="python -m src.tokenizer",
+        prog=cli.program("src.tokenizer"),
         description="Train and use a SentencePiece tokenizer (exact round trip).",
     )
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -50,7 +51,8 @@ def build_parser() -> argparse.ArgumentParser:
         help="train a tokenizer on text files",
         description="Train on .txt files (one sentence per line; <|endoftext|> "
         "lines are skipped) or .jsonl/.json/.parquet files (the lines of each "
-        "row's --text-field) and write DIR/tokenizer.model and DIR/tokenizer.json.",
+        "row's --text-field) and write DIR/tokenizer.model and "
+        "DIR/tokenizer_info.json.",
     )
     add = tr.add_argument
     add_source_args(
@@ -97,7 +99,10 @@ def build_parser() -> argparse.ArgumentParser:
         f"ones fall back to byte pieces; in [{MIN_COVERAGE}, 1] "
         f"(default {DEFAULT_COVERAGE})",
     )
-    tok_help = "folder made by `train` (or its tokenizer.model)"
+    tok_help = (
+        "folder made by `train` (or its tokenizer.model), or a Hugging Face "
+        "tokenizer folder (tokenizer.json)"
+    )
     enc = sub.add_parser("encode", help="print the token ids of a text")
     enc.add_argument("--tokenizer", required=True, metavar="DIR", help=tok_help)
     enc.add_argument("--text", help="text to encode (default: read stdin)")
@@ -139,7 +144,7 @@ def run(args: argparse.Namespace) -> None:
         sha = tok.sha256[:12]
         print(f"wrote {tok.dir / MODEL_FILE} (vocab {tok.vocab_size}, sha256 {sha})")
         return
-    tok = Tokenizer.load(args.tokenizer)
+    tok = load_tokenizer(args.tokenizer)
     if args.command == "encode":
         text = read_stdin() if args.text is None else args.text
         if why := utf8_problem(text):
@@ -175,7 +180,7 @@ def _line_chunks(f, n: int) -> list[bytes]:
     return [b"".join(f.readlines(1 << 20)) for _ in range(n)]  # whole lines, ~1 MiB
 
 
-def _count_records(tok: Tokenizer, source: Source, text_field: str):
+def _count_records(tok: TokenizerLike, source: Source, text_field: str):
     """(tokens, UTF-8 bytes) of the texts of a record source."""
     n = nbytes = 0
     opts = ReadOptions(text_field=text_field)
@@ -189,7 +194,7 @@ def _count_records(tok: Tokenizer, source: Source, text_field: str):
 
 
 def count_tokens(
-    tok: Tokenizer, sources: list[Source], text_field: str = DEFAULT_TEXT_FIELD
+    tok: TokenizerLike, sources: list[Source], text_field: str = DEFAULT_TEXT_FIELD
 ) -> list[tuple[str, int, int]]:
     """(name, tokens, bytes) of each local file: .txt files encoded in chunks of
     whole lines (no piece holds a newline, so for BPE this equals encoding the file

@@ -16,6 +16,7 @@ This module imports neither MLX nor torch.
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import re
 from collections.abc import Iterable, Sequence
@@ -31,7 +32,12 @@ CHAT_MARKERS = ("<|system|>", "<|user|>", "<|assistant|>", "<|end|>")
 PAD_ID, UNK_ID, BOS_ID, EOS_ID = range(len(SPECIAL_TOKENS))
 N_BYTE_PIECES = 256
 MIN_VOCAB = len(SPECIAL_TOKENS) + len(CHAT_MARKERS) + N_BYTE_PIECES + 1  # + 1 char
-MODEL_FILE, INFO_FILE = "tokenizer.model", "tokenizer.json"
+MODEL_FILE, INFO_FILE = "tokenizer.model", "tokenizer_info.json"
+# Where folders made before the Hugging Face kind kept the info file: that name is
+# Hugging Face's tokenizer.json, so it moved; such folders still load.
+LEGACY_INFO_FILE = "tokenizer.json"
+# The files of a tokenizer of this kind, copied with it (those present).
+SPM_FILES = (MODEL_FILE, INFO_FILE, LEGACY_INFO_FILE)
 WS = "\u2581"  # sentencepiece's whitespace marker
 MAX_VOCAB = 2**20  # 4x the largest vocabularies in use; model.vocab_size's limit too
 
@@ -45,6 +51,33 @@ def _check_text(texts: list[str]) -> None:
             raise TokenizerError(f"cannot encode {where}: {why}")
 
 
+def read_info(folder: Path) -> dict | None:
+    """The info file `src.tokenizer train` wrote beside tokenizer.model (model
+    type, corpus, seed...), under its name or its legacy one; None if absent."""
+    path = Path(folder) / INFO_FILE
+    if not path.is_file():
+        return legacy_info(Path(folder) / LEGACY_INFO_FILE)
+    try:
+        info = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return info if isinstance(info, dict) else None
+
+
+def legacy_info(path: Path) -> dict | None:
+    """The info file at `path` if it is one of ours under the legacy name
+    tokenizer.json (it names its sentencepiece version; a Hugging Face
+    tokenizer.json does not), else None. Ours are a few KB: a large file is not
+    parsed."""
+    try:
+        if not path.is_file() or path.stat().st_size > 1 << 20:
+            return None
+        info = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return info if isinstance(info, dict) and "sentencepiece_version" in info else None
+
+
 def missing_tokenizer(path: Path) -> str:
     """The message for a tokenizer folder that is not there: the two commands
     that make one at `path` (a vocabulary size read from a `tokenizer-N` name)."""
@@ -54,7 +87,8 @@ def missing_tokenizer(path: Path) -> str:
     if path != Path(f"data/tokenizer-{vocab}"):  # where the script writes it
         script = f"TOKENIZER={path} {script}"
     return (
-        f"no tokenizer at {path} (no {MODEL_FILE}): make one with `python -m "
+        f"no tokenizer at {path} (neither {MODEL_FILE} nor a Hugging Face "
+        f"tokenizer.json): make one with `python -m "
         f"src.tokenizer train --input TEXT --output {path} --vocab-size {vocab}` "
         f"or `{script}`"
     )
@@ -63,8 +97,12 @@ def missing_tokenizer(path: Path) -> str:
 class Tokenizer:
     """A trained SentencePiece model with this project's special ids."""
 
+    kind = "sentencepiece"
+    files = SPM_FILES
+
     def __init__(self, sp: spm.SentencePieceProcessor, sha256: str, directory: Path):
         self._sp, self.sha256, self.dir = sp, sha256, directory
+        self.file = directory / MODEL_FILE
         self._threads = os.cpu_count() or 1
         # The byte pieces that spell a literal "▁" (see the module docstring).
         self._ws_ids = [sp.piece_to_id(f"<0x{b:02X}>") for b in WS.encode()]
@@ -72,7 +110,25 @@ class Tokenizer:
     @classmethod
     def load(cls, path: str | Path, threads: int | None = None) -> Tokenizer:
         """Load from a folder holding tokenizer.model, or from the .model file;
-        `encode_batch` uses `threads` threads (default: every core)."""
+        `encode_batch` uses `threads` threads (default: every core). A Hugging
+        Face tokenizer.json (a folder with it but no tokenizer.model, or the file)
+        loads as that kind (`src.tokenizer.hf`), for callers written when there
+        was one kind; new code calls `src.tokenizer.kinds.load_tokenizer`."""
+        path = Path(path)
+        hf_file = path if path.suffix == ".json" else path / LEGACY_INFO_FILE
+        if path.suffix == ".json" or (
+            not (path / MODEL_FILE).is_file()
+            and hf_file.is_file()
+            and legacy_info(hf_file) is None
+        ):
+            from .hf import HFTokenizer  # loads the tokenizers library
+
+            return HFTokenizer.load(hf_file, threads)
+        return cls.load_spm(path, threads)
+
+    @classmethod
+    def load_spm(cls, path: str | Path, threads: int | None = None) -> Tokenizer:
+        """`load`, of this kind only."""
         path = Path(path)
         model = path / MODEL_FILE if path.is_dir() else path
         if not model.is_file():
@@ -91,6 +147,7 @@ class Tokenizer:
                 "or no byte fallback)"
             )
         tok = cls(sp, hashlib.sha256(data).hexdigest(), model.parent)
+        tok.file = model
         tok._threads = threads or tok._threads
         return tok
 

@@ -42,6 +42,7 @@ from .spm import (
     CHAT_MARKERS,
     EOS_ID,
     INFO_FILE,
+    LEGACY_INFO_FILE,
     MAX_VOCAB,
     MIN_VOCAB,
     MODEL_FILE,
@@ -50,6 +51,7 @@ from .spm import (
     SPECIAL_TOKENS,
     UNK_ID,
     Tokenizer,
+    legacy_info,
 )
 
 MODEL_TYPES = ("bpe", "unigram")
@@ -151,7 +153,7 @@ def train_tokenizer(
     `src.corpus.sources.open_sources`): the lines of text files (`<|endoftext|>`
     lines are skipped) and of each row's `text_field` in jsonl/parquet files and
     hub datasets (of the first `max_docs` rows; None: all). Writes
-    output/tokenizer.model and output/tokenizer.json."""
+    output/tokenizer.model and output/tokenizer_info.json."""
     if vocab_size > MAX_VOCAB:
         raise TokenizerError(
             f"--vocab-size {vocab_size} is too large: the maximum is {MAX_VOCAB}"
@@ -230,4 +232,6 @@ def train_tokenizer(
         f.write(model)
     with atomic_file(out / INFO_FILE, "w") as f:
         json.dump(meta, f, indent=2)
+    if legacy_info(out / LEGACY_INFO_FILE):  # ours, from before it was renamed
+        (out / LEGACY_INFO_FILE).unlink()
     return Tokenizer.load(out)

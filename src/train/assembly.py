@@ -3,7 +3,11 @@ optimizer (with its learning-rate schedule), the compute dtype and streams of th
 execution policy, the compiled training step and the evaluation function.
 
 The trainer, the time budget, the benchmark and the memory table all call
-`assemble`, so what they time or measure is what a run executes. Restoring a
+`assemble`, so what they time or measure is what a run executes. The masked
+step and evaluation (chat SFT, `training.loss_on`) are built beside the plain
+ones: which a run uses depends on its data, which the trainer sees
+(`src.train.trainer.loss_on_assistant`); an `mx.compile` that is never called
+costs nothing. Restoring a
 checkpoint afterwards writes into the model and optimizer in place, which the
 compiled step (holding their state containers) then sees.
 """
@@ -34,6 +38,9 @@ class Assembly:
     streams: list[mx.Stream]
     train_step: TrainStep  # batch (accum, B, L+1) -> (loss, grad norm, ok)
     eval_fn: LossSum  # batch (B, L+1) -> summed loss
+    # the same with an assistant mask: (batch, mask) -> ... (chat SFT)
+    masked_step: TrainStep | None = None
+    masked_eval_fn: LossSum | None = None
 
     def memory_estimate(self, cfg: Config) -> int:
         """The planning estimate of a step's peak bytes (src/train/memory.py)."""
@@ -63,4 +70,10 @@ def assemble(
     streams = policy.streams(t.streams, world)
     step = make_train_step(model, optimizer, t, dtype, compile, group, streams)
     eval_fn = make_eval_fn(model, compile, streams)
-    return Assembly(model, optimizer, dtype, streams, step, eval_fn)
+    masked = make_train_step(
+        model, optimizer, t, dtype, compile, group, streams, masked=True
+    )
+    masked_eval = make_eval_fn(model, compile, streams, masked=True)
+    return Assembly(
+        model, optimizer, dtype, streams, step, eval_fn, masked, masked_eval
+    )

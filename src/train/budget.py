@@ -24,7 +24,7 @@ from .distributed import ONE_PROCESS, Dist
 
 TIMED_STEPS = 5  # after 2 untimed ones (compilation, allocator warm-up)
 # Room for the loop's own costs (data, logging, checkpoints) and for steps that run
-# a little slower than the first timed ones (see the README's time budget).
+# a little slower than the first timed ones (see docs/speedrun.md).
 MARGIN = 0.96
 
 

@@ -4,6 +4,8 @@ The config is resolved (YAML, then `--set` overrides) and checked before anythin
 else; `--nproc N` launches N data-parallel ranks on this machine
 (`src.train.launch`), and a process started by `mlx.launch` joins its ring
 (`src.train.distributed`). The run itself is `src.train.run.train`.
+`--init-from PATH` (or `training.init_from`) starts a new run from another
+model's weights, taking its architecture and tokenizer (`src.train.init_from`).
 """
 
 from __future__ import annotations
@@ -13,16 +15,18 @@ import sys
 
 from .. import cli
 from ..backend import policy
-from ..config import dump_config, load_config
-from ..errors import UsageError
+from ..checkpoint.contents import is_hf_folder
+from ..config import dump_config
+from ..errors import CheckpointError, UsageError
 from . import distributed
+from .init_from import resolve_config
 from .launch import add_launch_arguments, launch
 from .run import train
 
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
-        prog="python -m src.train",
+        prog=cli.program("src.train"),
         description="Train a GPT-style language model with MLX.",
         epilog="Example: python -m src.train --config configs/tiny.yaml "
         "--set training.learning_rate=3e-4 --resume auto",
@@ -39,8 +43,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--resume",
         metavar="auto|PATH",
-        help="continue a run: 'auto' = newest valid checkpoint of this run, "
-        "or a checkpoint folder (e.g. checkpoints/<run>/latest)",
+        help="continue a run: 'auto' = newest valid checkpoint of this run (a "
+        "run without one starts at step 0), or a checkpoint folder (e.g. "
+        "checkpoints/<run>/latest). The config passed now is used; its changes "
+        "since the checkpoint are listed (key: old -> new); a changed model "
+        "shape, tokenizer or batch is refused",
+    )
+    p.add_argument(
+        "--init-from",
+        metavar="PATH",
+        help="start a new run (step 0, fresh optimizer and schedule) from the "
+        "weights at PATH: a checkpoint of ours (checkpoints/<run> = its best, else "
+        "latest; or a step folder) or a Hugging Face Llama/Qwen3 folder. Its "
+        "architecture and tokenizer are the run's: leave the model section and "
+        "data.tokenizer_path out, or give the same values (model.context_length "
+        "may differ). Same as training.init_from. With --resume of a run that "
+        "has checkpoints, the checkpoint's weights are used",
     )
     p.add_argument(
         "--rewind",
@@ -78,8 +96,14 @@ def main(argv: list[str] | None = None) -> int:
             raise UsageError(
                 "--overwrite starts the run over and --resume continues it: pass one"
             )
+        if args.resume and args.resume != "auto" and is_hf_folder(args.resume):
+            raise CheckpointError(
+                f"--resume {args.resume}: a Hugging Face model folder is not a run "
+                "to continue; to start a new run from its weights, pass "
+                f"--init-from {args.resume}"
+            )
         policy.configure_process()
-        cfg = load_config(args.config, args.set)
+        cfg, _ = resolve_config(args.config, args.set, args.init_from)
         if args.show_config:
             print(dump_config(cfg), end="")
             return 0

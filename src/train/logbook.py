@@ -4,9 +4,14 @@ metrics.jsonl has one row per optimizer step ({"event": "train", "step", "loss",
 "lr", "grad_norm", "skipped"}; rows at a logging boundary add tokens/s, memory and
 wall time), one per validation ({"event": "eval", ...}) and per sample. The loop
 hands over steps as `StepRecord`s of lazy arrays and they are written at logging
-boundaries, so it never waits on `.item()` in between. On resume, rows past the
-checkpoint's step are dropped so the log has no duplicated or missing steps.
-Ranks other than 0 keep a `FollowerLog`: the same bookkeeping, nothing written.
+boundaries, so it never waits on `.item()` in between. Each session of a run
+(the first start and every resume) begins with `begin(step)`: rows past the
+checkpoint's step are dropped, so the log has no duplicated or missing steps, and
+the session's first step row carries `"start": step` (plots break their lines
+there, and leave its tokens/s out: it includes compiling the step). Every row
+also goes to the run's experiment trackers (`logging.report_to`,
+`src.train.reporters`), which never fail the run. Ranks other than 0 keep a
+`FollowerLog`: the same bookkeeping, nothing written or reported.
 
 train.log and the console get the same lines (setup, "step N: loss ..." at each
 logging boundary, validation, samples, warnings). The progress bar
@@ -32,7 +37,9 @@ from pathlib import Path
 import mlx.core as mx
 from tqdm import tqdm
 
+from ..config import Config
 from ..files import atomic_file, write_failure
+from .reporters import Reporters, open_reporters
 
 
 @dataclass
@@ -86,6 +93,8 @@ class RunLog:
         self.loss_ema: float | None = None
         self.failure: str | None = None  # the first write that failed, said for people
         self.console = _Console()
+        self.session_start: int | None = None  # the step this session started from
+        self.reporters = Reporters([], self.warn)  # none until `report_to`
 
     def _guard(self, path: Path, write: Callable[[], None]) -> None:
         """Run `write` (of `path`); an OSError becomes `failure` instead of a crash."""
@@ -150,6 +159,18 @@ class RunLog:
         bar.initial = bar.n = bar.last_print_n = step
         bar.refresh()
 
+    # -- experiment trackers
+    def report_to(self, cfg: Config) -> None:
+        """Open the trackers of `logging.report_to` (`src.train.reporters`): every
+        row written from now on goes to them too. ConfigError when a package
+        is not installed."""
+        self.reporters = open_reporters(cfg, self.dir, self.info, self.warn)
+
+    def close(self, exit_code: int) -> None:
+        """Close the experiment trackers, telling them the run's exit code;
+        never raises an Exception (metrics.jsonl is closed after each write)."""
+        self.reporters.close(exit_code)
+
     # -- metrics.jsonl
     def _append(self, rows: list[dict]) -> None:
         def write() -> None:  # json.dumps escapes non-ASCII: any text is safe
@@ -159,6 +180,32 @@ class RunLog:
                 os.fsync(f.fileno())
 
         self._guard(self.metrics_path, write)
+        self.reporters.write(rows)  # also when the file failed: they may not
+
+    def begin(self, step: int) -> None:
+        """A session of the run starts with `step` steps done (0: a fresh start):
+        drop rows past it, mark the session's first step row with it, and hand
+        the rows kept to the reporters."""
+        self.truncate_after(step)
+        self.session_start = step
+        if self.reporters:
+            try:
+                rows = self._rows() if self.metrics_path.exists() else []
+            except OSError:  # said by truncate_after already (`failure`)
+                rows = []
+            self.reporters.begin(rows)
+
+    def _rows(self) -> list[dict]:
+        """The rows of metrics.jsonl (a torn line skipped)."""
+        rows = []
+        for line in self.metrics_path.read_text(encoding="utf-8").splitlines():
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError:
+                continue  # a torn line from a kill -9 or a full disk
+            if isinstance(row, dict):
+                rows.append(row)
+        return rows
 
     def truncate_after(self, step: int) -> None:
         """Drop rows for steps > `step` (written after the checkpoint we resume from)."""
@@ -204,6 +251,8 @@ class RunLog:
                 "grad_norm": gnorm,
                 "skipped": not ok,
             }
+            if self.session_start is not None and step == self.session_start + 1:
+                row["start"] = self.session_start
             if not ok:
                 self.warn(f"step {step}: non-finite loss or gradient; update skipped")
             else:
@@ -262,4 +311,7 @@ class FollowerLog(RunLog):
         pass
 
     def truncate_after(self, step: int) -> None:
+        pass
+
+    def report_to(self, cfg: Config) -> None:
         pass

@@ -1,5 +1,5 @@
 """A planning estimate of a training step's peak memory, printed at start; the
-README's table holds measured peaks (`scripts/memory_table.py`)."""
+docs/performance.md holds measured peaks (`scripts/memory_table.py`)."""
 
 from __future__ import annotations
 

@@ -3,8 +3,9 @@
 `TrainOptimizer` is what a run needs of an optimizer besides MLX's `update` and
 `state`: the learning rate of the step just taken (for the log), its state as a
 flat {path: array} dict and back (for checkpoints, restored in place: the compiled
-step holds the state containers), and its size per parameter (for the memory
-estimate). `OPTIMIZERS` maps `training.optimizer` to a class; a new optimizer is
+step holds the state containers), its size per parameter (for the memory
+estimate), and the run's step for the learning-rate schedule
+(`follow_run_step`). `OPTIMIZERS` maps `training.optimizer` to a class; a new optimizer is
 a class here plus its name in `src.config.OPTIMIZERS`.
 
 AdamW (with bias correction, like PyTorch's) applies its decoupled weight decay
@@ -29,6 +30,8 @@ class TrainOptimizer:
     """The trainer's view of an optimizer (a mixin for an `mlx.optimizers` class)."""
 
     state_per_param: ClassVar[int]  # fp32 values of state kept per parameter
+    # run step - optimizer step: the schedule follows the run (see follow_run_step)
+    step_offset: int = 0
 
     @classmethod
     def build(cls, model: nn.Module, cfg: TrainingConfig) -> TrainOptimizer:
@@ -40,6 +43,22 @@ class TrainOptimizer:
     def current_lr(self) -> mx.array:
         """The learning rate of the last update (lazy)."""
         return self.learning_rate
+
+    def follow_run_step(self, run_step: int) -> int:
+        """Make the learning-rate schedule see the run's step `run_step` at the
+        next update, whatever the optimizer's own count (which stays: Adam's bias
+        correction needs it). Call it after restoring the state and before the
+        compiled step first runs (its trace keeps the offset as a constant).
+        Returns the offset: 0 for an ordinary resume, the checkpoint's step for
+        one without optimizer state."""
+        self.step_offset = run_step - int(self.step.item())
+        return self.step_offset
+
+    def schedule_step(self) -> mx.array:
+        """The step the schedule is evaluated at (0-based, before the update)."""
+        if not self.step_offset:  # ordinary runs: the very graph of before
+            return self.step
+        return self.step.astype(mx.int64) + self.step_offset
 
     def state_dict(self) -> dict[str, mx.array]:
         """The state as a flat {path: array} dict (what a checkpoint stores)."""
@@ -102,11 +121,12 @@ class AdamW(TrainOptimizer, optim.Adam):
         return opt
 
     def apply_gradients(self, gradients: dict, parameters: dict) -> dict:
-        # Same bookkeeping as optim.Optimizer.apply_gradients, plus the decay mask.
+        # Same bookkeeping as optim.Optimizer.apply_gradients, plus the decay mask
+        # and a schedule that follows the run's step.
         if not self._initialized:
             self.init(gradients)
         for name, scheduler in self._schedulers.items():
-            self.state[name] = scheduler(self.step)
+            self.state[name] = scheduler(self.schedule_step())
         self.state["step"] = self.step + 1
         return tree_map(self._update_one, gradients, parameters, self.state, self.mask)
 

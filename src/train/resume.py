@@ -14,20 +14,36 @@ folders locked, the config checked against the checkpoint by
   past it) to `<checkpoints>/rewound-<time>/` and points `latest` and `best` at
   what remains. The metrics rows past the checkpoint are dropped by the trainer
   (`RunLog.truncate_after`), so no step is logged twice.
+- `--resume auto` on a run without any checkpoint folder starts it at step 0
+  (the fresh start's checks apply), saying so.
+
+A resumed run takes the config passed now; the checkpoint's resolved config is
+what it is compared with (`config_changes`): a change of the model's shape, the
+tokenizer, the batch or the number of ranks is refused
+(`check_resume_compatible`); any other change is listed, one `key: old -> new`
+line each, in train.log, and logs/<run>/config.yaml becomes the new config
+(each checkpoint's meta.json keeps the config it was saved with). A change that
+moves the learning rate at the resume step (`schedule_jump`) is said with the
+lr before and after.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import json
+import math
 import re
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..checkpoint import store as ckpt
-from ..config import Config
+from ..config import Config, TrainingConfig
 from ..errors import CheckpointError, ConfigError
 from ..files import write_failure
 from ..plot import DEFAULT_PNG
+from .reporters import FOLDERS as TRACKER_FOLDERS
+from .schedule import decay_start, lr_at
 
 # What a run writes in its log folder (src.train.logbook, src.report, src.plot),
 # with the temp names of src.files.atomic_file and of the logbook's truncation.
@@ -44,7 +60,10 @@ def _any_run(p: Path) -> bool:
 
 
 def _log_file(p: Path) -> bool:
-    """A file the logbook, report or plot writes (or their temp file)."""
+    """A file the logbook, report or plot writes (or their temp file), or the
+    folder of an experiment tracker (`logging.report_to`: tensorboard/, wandb/)."""
+    if p.name in TRACKER_FOLDERS and p.is_dir() and not p.is_symlink():
+        return True
     m = _ATOMIC_TMP.match(p.name)
     name = m["name"] if m else p.name
     return name in LOG_FILES and (p.is_symlink() or not p.is_dir())
@@ -60,6 +79,7 @@ class Plan:
     resume: Path | None = None
     clear: list[Path] = field(default_factory=list)
     rewind_after: int | None = None
+    note: str | None = None  # a line to log about the choice (`--resume auto`)
 
     def apply(self) -> list[str]:
         """Delete or move as planned; the lines to log about it."""
@@ -99,9 +119,10 @@ def plan_start(
     """What the run starts from; refuses (a `UserError`) a fresh start over an
     existing run without `overwrite`, an `overwrite` of folders holding files a
     run does not write, and a resume to an older checkpoint without `rewind`."""
-    if resume:
-        return _plan_resume(ckpt_dir, resume, rewind, warn)
     existing = ckpt.step_folders(ckpt_dir)
+    auto_fresh = resume == "auto" and not existing  # a new run: start it
+    if resume and not auto_fresh:
+        return _plan_resume(ckpt_dir, resume, rewind, warn)
     metrics = log_dir / LOG_FILES[0]
     if not overwrite and existing:
         raise ConfigError(
@@ -110,12 +131,16 @@ def plan_start(
             "or pick another name with --set run_name=NAME"
         )
     if not overwrite and metrics.is_file() and metrics.stat().st_size:
+        instead = " instead of --resume auto" if auto_fresh else ""
         raise ConfigError(
             f"{log_dir} holds the logs of an earlier run ({metrics.name}) but "
-            f"{ckpt_dir} has no checkpoint to resume: pass --overwrite to start "
-            "over (deleting those logs), or pick another name with "
+            f"{ckpt_dir} has no checkpoint to resume: pass --overwrite{instead} to "
+            "start over (deleting those logs), or pick another name with "
             "--set run_name=NAME"
         )
+    if auto_fresh:
+        note = f"--resume auto: {ckpt_dir} has no checkpoint yet; starting at step 0"
+        return Plan(ckpt_dir, note=note)
     if not overwrite:
         return Plan(ckpt_dir)
     _refuse_strays(ckpt_dir, log_dir)
@@ -144,7 +169,10 @@ def _refuse_strays(ckpt_dir: Path, log_dir: Path) -> None:
 
 
 def _plan_resume(ckpt_dir: Path, resume: str, rewind: bool, warn) -> Plan:
-    path = ckpt.resolve_resume(resume, ckpt_dir, warn=warn)
+    # the store's fall-back lines say "warning:" themselves; `warn` does too
+    path = ckpt.resolve_resume(
+        resume, ckpt_dir, warn=lambda m: warn(m.removeprefix("warning: "))
+    )
     try:
         step = int(ckpt.read_meta(path)["step"])
     except (KeyError, TypeError, ValueError) as e:
@@ -224,6 +252,77 @@ def _flatten(d: dict, prefix: str = "") -> dict:
         else:
             out[key] = v
     return out
+
+
+def _shown(v) -> str:
+    """A config value as in YAML: text bare, numbers shortest, lists as JSON."""
+    if isinstance(v, str):
+        return v if v else "''"
+    if isinstance(v, float):
+        return repr(v)
+    return json.dumps(v)
+
+
+def config_changes(meta: dict, cfg: Config) -> list[str]:
+    """'key: checkpoint value -> value now', one per key that differs between the
+    checkpoint's resolved config (a key it predates: its default) and `cfg`, in
+    config order. With a time budget, max_steps is the checkpoint's (see
+    `src.train.budget`), so it is no change."""
+    old = _flatten(Config().to_dict()) | _flatten(meta.get("config", {}))
+    new = _flatten(cfg.to_dict())
+    if cfg.training.time_budget_minutes > 0:
+        new["training.max_steps"] = old.get("training.max_steps")
+    keys = list(new) + [k for k in old if k not in new]
+    return [
+        f"{k}: {_shown(old.get(k))} -> {_shown(new.get(k))}"
+        for k in keys
+        if old.get(k) != new.get(k)
+    ]
+
+
+# The keys the learning rate at a step depends on (src/train/schedule.py); the
+# first two scale it, the others change the curve's shape.
+_SCALE = ("learning_rate", "min_lr_ratio")
+_SHAPE = ("max_steps", "warmup_steps", "schedule", "decay_fraction")
+
+
+def schedule_jump(meta: dict, cfg: Config) -> tuple[str, bool] | None:
+    """When the config now gives the checkpoint's step another learning rate than
+    the checkpoint's config did: the line saying so (both values, the keys that
+    changed), and whether it is a warning (the curve's shape changed, not only
+    its scale). None when the rate continues unchanged."""
+    step = int(meta.get("step", 0))
+    saved = meta.get("config", {}).get("training", {})
+    default = TrainingConfig()
+    keys = _SCALE + _SHAPE
+    before = dataclasses.replace(
+        cfg.training, **{k: saved.get(k, getattr(default, k)) for k in keys}
+    )
+    now = cfg.training
+    if now.time_budget_minutes > 0:  # the budget keeps the checkpoint's steps
+        now = dataclasses.replace(now, max_steps=before.max_steps)
+    old_lr, new_lr = lr_at(before, step), lr_at(now, step)
+    if math.isclose(old_lr, new_lr, rel_tol=1e-6, abs_tol=0.0):
+        return None
+    changed = [k for k in keys if getattr(before, k) != getattr(now, k)]
+    line = (
+        f"the learning rate at step {step} changes from {old_lr:.4g} (the "
+        f"checkpoint's schedule) to {new_lr:.4g} (changed: "
+        f"{', '.join(f'training.{k}' for k in changed)})"
+    )
+    if "max_steps" in changed and now.schedule == "cosine":
+        line += (
+            "; a cosine schedule is stretched over the new max_steps from its "
+            "start, so the rate jumps here (training.schedule=wsd extends a run "
+            "that has not begun its decay without a jump)"
+        )
+    elif "max_steps" in changed and before.schedule == now.schedule == "wsd":
+        line += (
+            f"; the wsd decay had begun at step {decay_start(before)}: to extend "
+            "without a jump, resume from a checkpoint before it (--resume "
+            "PATH --rewind)"
+        )
+    return line, any(k in _SHAPE for k in changed)
 
 
 def check_resume_compatible(

@@ -5,7 +5,9 @@ of shape (accum, B, L+1); with `compile=True` it is wrapped in `mx.compile` with
 the model, optimizer and random state declared as inputs and outputs, so calling
 it only builds a lazy graph: the caller runs one `mx.eval` per step. Those state
 containers are captured when the step is made: whatever restores a model or an
-optimizer afterwards must write into them in place (`src.train.optim`).
+optimizer afterwards must write into them in place (`src.train.optim`), and
+the schedule's offset to the run's step (`TrainOptimizer.follow_run_step`) is
+set before the first call, which traces it as a constant.
 
 Precision: parameters and optimizer state are fp32 (master weights); the forward
 and backward run in `compute_dtype` (bf16 on GPU backends) by casting the
@@ -14,6 +16,13 @@ parameters inside the differentiated function, so gradients arrive in fp32.
 Non-finite guard: if the loss or the gradient norm is NaN/inf, the update is
 discarded inside the graph (parameters and optimizer state keep their old values
 via `mx.where`) and the step reports ok=False.
+
+Chat SFT (`masked=True`, `training.loss_on` resolved to assistant): the step
+takes a bool mask (accum, B, L+1) beside the batch, and the loss is the mean
+over the targets the mask counts across all micro-batches (each micro-batch's
+summed loss is divided by the step's count, so accumulation adds them); a step
+with none counted has loss 0 and zero gradients. Without a mask the step is the
+plain one, unchanged.
 
 Data-parallel (a `group` of N > 1 ranks, src/train/distributed.py): each rank
 passes its own micro-batches; loss and gradients are averaged over the ranks (one
@@ -33,9 +42,10 @@ from mlx.utils import tree_flatten, tree_map
 
 from ..backend import policy
 from ..config import TrainingConfig
-from ..model.loss import mean_loss
+from ..model.loss import counted_targets, mean_loss, summed_loss
 
-TrainStep = Callable[[mx.array], tuple[mx.array, mx.array, mx.array]]
+# step(batch) -> (loss, grad norm, ok); a masked step also takes the mask
+TrainStep = Callable[..., tuple[mx.array, mx.array, mx.array]]
 
 
 def _cast(tree: dict, dtype: mx.Dtype) -> dict:
@@ -64,8 +74,11 @@ def make_train_step(
     compile: bool = True,
     group: mx.distributed.Group | None = None,
     streams: list[mx.Stream] | None = None,
+    masked: bool = False,
 ) -> TrainStep:
-    """step(batch (accum, B, L+1)) -> (mean loss, grad norm before clipping, ok).
+    """step(batch (accum, B, L+1)) -> (mean loss, grad norm before clipping, ok);
+    with `masked`, step(batch, mask (accum, B, L+1) bool) and the loss is the
+    mean over the targets the mask counts (see the module docstring).
 
     With a `group` of N ranks, the mean loss and the gradients are over all ranks'
     batches (N x accum micro-batches). `streams` split each micro-batch's rows
@@ -74,27 +87,35 @@ def make_train_step(
     if streams is None:
         streams = policy.streams(cfg.streams, world)
 
-    def loss_of(params: dict, batch: mx.array) -> mx.array:
+    def loss_of(params: dict, batch: mx.array, *count) -> mx.array:
+        """The plain mean loss of `batch`, or with (mask, n): the summed loss of
+        the targets the mask counts over n."""
         if compute_dtype != mx.float32:
             params = _cast(params, compute_dtype)
         model.update(params)
-        return mean_loss(model, batch, cfg.label_smoothing, streams)
+        if not count:
+            return mean_loss(model, batch, cfg.label_smoothing, streams)
+        mask, n = count
+        return summed_loss(model, batch, streams, cfg.label_smoothing, mask) / n
 
     loss_and_grad = mx.value_and_grad(loss_of)
 
-    def step(batch: mx.array):
+    def step(batch: mx.array, mask: mx.array | None = None):
         params = model.trainable_parameters()
         accum = batch.shape[0]
-        loss, grads = loss_and_grad(params, batch[0])
+        # masked: every micro-batch's sum is over the step's count, so they add up
+        count = () if mask is None else (counted_targets(mask),)
+        part = (lambda i: ()) if mask is None else (lambda i: (mask[i], *count))
+        loss, grads = loss_and_grad(params, batch[0], *part(0))
         for i in range(1, accum):  # unrolled: accumulation lives inside the graph
             # Start micro-batch i only once the gradients so far exist, so that one
             # micro-batch's activations are alive at a time (else memory grows with accum).
             micro = mx.depends(batch[i], [loss, *(g for _, g in tree_flatten(grads))])
-            micro_loss, micro_grads = loss_and_grad(params, micro)
+            micro_loss, micro_grads = loss_and_grad(params, micro, *part(i))
             loss = loss + micro_loss
             grads = tree_map(mx.add, grads, micro_grads)
         model.update(params)  # loss_of left (maybe cast) tracers in the model
-        if accum > 1:
+        if accum > 1 and mask is None:
             loss = loss / accum
             grads = tree_map(lambda g: g / accum, grads)
         if world > 1:  # the loss rides along in the gradients' all-reduce
@@ -111,10 +132,11 @@ def make_train_step(
         _select_(ok, optimizer.state, old_opt)
         return loss, grad_norm, ok
 
+    run = step if masked else (lambda batch: step(batch))  # masked: both arrays
     if not compile:
-        return step
+        return run
     state = [model.state, optimizer.state, mx.random.state]
-    return mx.compile(step, inputs=state, outputs=state)
+    return mx.compile(run, inputs=state, outputs=state)
 
 
 def step_seed(seed: int, step: int, rank: int = 0) -> int:

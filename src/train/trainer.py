@@ -13,7 +13,12 @@ it). SIGINT/SIGTERM (`StopSignal`) save at the next step boundary, after the
 validation that step owes, so a checkpoint never lacks it.
 A log, sample or config copy that cannot be written stops the run the same way
 (the step reached is saved), with one `error:` line naming the file; a sample
-prompt that fails is only a warning.
+prompt that fails is only a warning. The experiment trackers
+(`logging.report_to`) are opened before the first step and closed on every way
+out: finished, stopped, failed or interrupted.
+Chat SFT: when `training.loss_on` resolves to assistant (`loss_on_assistant`),
+each step reads the assistant mask of its windows with them and runs the masked
+step, and validation scores the same tokens.
 """
 
 from __future__ import annotations
@@ -33,10 +38,10 @@ from ..checkpoint.contents import build_meta
 from ..cli import fmt_bytes
 from ..config import Config, dump_config
 from ..data.tokens import TokenLoader
-from ..errors import DataError
+from ..errors import ConfigError, DataError
 from ..eval.evaluator import Evaluator
 from ..inference.generate import generate_tokens
-from ..tokenizer.spm import Tokenizer
+from ..tokenizer.kinds import TokenizerLike
 from .assembly import Assembly
 from .distributed import Dist
 from .logbook import RunLog, StepRecord
@@ -49,10 +54,34 @@ class Inputs:
     """What a run reads, opened and checked before anything is allocated
     (`src.train.run.open_inputs`)."""
 
-    tokenizer: Tokenizer
+    tokenizer: TokenizerLike
     train_data: TokenLoader
     val_data: TokenLoader
     resume_meta: dict | None  # of rank 0's checkpoint to continue from
+
+
+def loss_on_assistant(cfg: Config, train: TokenLoader, val: TokenLoader) -> bool:
+    """`training.loss_on` resolved against the data: True for the assistant's
+    tokens only (`assistant`, or `auto` on data with an assistant mask: `prepare
+    --chat`), False for all. ConfigError when `assistant` finds no mask, or the
+    validation file lacks the mask the training file has."""
+    want = cfg.training.loss_on
+    if want == "all" or (want == "auto" and not train.has_mask):
+        return False
+    if not train.has_mask:
+        raise ConfigError(
+            f"training.loss_on=assistant needs chat data with an assistant mask, "
+            f"but {train.path} has none (make it with `python -m src.data prepare "
+            "--chat`, or set training.loss_on=all)"
+        )
+    if not val.has_mask:
+        raise ConfigError(
+            f"training.loss_on={want}: {train.path} has an assistant mask but the "
+            f"validation file {val.path} has none, so validation would score other "
+            "tokens than training (prepare it with --chat, or set "
+            "training.loss_on=all)"
+        )
+    return True
 
 
 @dataclass(frozen=True)
@@ -83,8 +112,15 @@ class Trainer:
         self.accum = dist.local_accum(t.grad_accum_steps)  # micro-batches per rank
         self.rows = dist.rows(t.batch_size * self.accum)  # this rank's share
         self.tokens_per_step = t.batch_size * t.grad_accum_steps * m.context_length
+        self.masked = loss_on_assistant(cfg, inputs.train_data, inputs.val_data)
+        self.train_step = parts.masked_step if self.masked else parts.train_step
+        self.eval_fn = parts.masked_eval_fn if self.masked else parts.eval_fn
         self.evaluator = Evaluator(
-            inputs.val_data, t.batch_size, cfg.eval.max_tokens, inputs.tokenizer.decode
+            inputs.val_data,
+            t.batch_size,
+            cfg.eval.max_tokens,
+            inputs.tokenizer.decode,
+            masked=self.masked,
         )
         self.consecutive_bad = 0  # non-finite steps in a row
         self.failure_told = False  # the log's failure is said once
@@ -115,6 +151,13 @@ class Trainer:
             f"({t.batch_size} x {t.grad_accum_steps} x {m.context_length}); "
             f"steps {self.start} -> {t.max_steps}"
         )
+        if self.masked:
+            n, total = data.train_data.mask.counted, max(data.train_data.n_tokens, 1)
+            self.log.info(
+                f"loss on the assistant's tokens only (training.loss_on="
+                f"{t.loss_on}): {n:,} of {total:,} train tokens ({n / total:.0%}); "
+                f"validation scores {self.evaluator.tokens:,} such targets"
+            )
         if self.dist.world > 1:
             self.log.info(f"data-parallel: {self.dist.world} ranks, {self.accum} x "
                           f"{t.batch_size} windows each per step")  # fmt: skip
@@ -123,6 +166,18 @@ class Trainer:
     # ------------------------------------------------------------------- loop
 
     def run(self) -> int:
+        """`train`, with the run's experiment trackers (`logging.report_to`) open
+        around it and closed however it ends; a tracker never fails a run."""
+        self.log.report_to(self.cfg)  # a package not installed: a ConfigError
+        try:
+            code = self.train()
+        except BaseException:
+            self.log.close(1)
+            raise
+        self.log.close(code)
+        return code
+
+    def train(self) -> int:
         """Train from the start step to `max_steps` (or a stop); the exit code:
         0 finished, or stopped by a signal (saved);
         1 stopped by the non-finite guard (`training.max_consecutive_skips` steps
@@ -132,7 +187,7 @@ class Trainer:
           place under the run: the step reached is saved, `--resume auto`
           continues once the cause is fixed."""
         self.announce()
-        self.log.truncate_after(self.start)
+        self.log.begin(self.start)
         if self.log.failure:  # nothing trained yet, so nothing to save
             self.log.error(f"{self.log.failure}; stopping before the first step")
             return 2
@@ -192,12 +247,20 @@ class Trainer:
         """Run optimizer step `step` (0-based); its record, and whether any rank
         was asked to stop when it began."""
         t = self.cfg.training
-        batch = self.inputs.train_data.batch(
-            t.seed, step, t.batch_size * t.grad_accum_steps, self.rows
-        )
-        batch = batch.reshape(self.accum, t.batch_size, -1)
+        n = t.batch_size * t.grad_accum_steps
+        if self.masked:
+            batch, mask = self.inputs.train_data.batch(
+                t.seed, step, n, self.rows, with_mask=True
+            )
+            mask = mx.array(mask.reshape(self.accum, t.batch_size, -1))
+        else:
+            batch = self.inputs.train_data.batch(t.seed, step, n, self.rows)
+        batch = mx.array(batch.reshape(self.accum, t.batch_size, -1), dtype=mx.int32)
         mx.random.seed(step_seed(t.seed, step, self.dist.rank))
-        loss, grad_norm, ok = self.parts.train_step(mx.array(batch, dtype=mx.int32))
+        if self.masked:
+            loss, grad_norm, ok = self.train_step(batch, mask)
+        else:
+            loss, grad_norm, ok = self.train_step(batch)
         lr = self.parts.optimizer.current_lr
         # Ranks must stop at the same step: the flags they had when the step
         # began are summed with it (no extra sync); see _stopping. Rank 0's log
@@ -267,7 +330,7 @@ class Trainer:
         model = self.parts.model
         model.eval()
         try:
-            result = self.evaluator(self.parts.eval_fn, self.dist.rank, self.dist.world)
+            result = self.evaluator(self.eval_fn, self.dist.rank, self.dist.world)
         finally:
             model.train()
         self.log.eval_row(step, result.as_dict())
@@ -315,6 +378,7 @@ class Trainer:
         meta = build_meta(
             cfg,
             tok.sha256,
+            tok.kind,
             data_position={"seed": cfg.training.seed, "next_step": step},
             # trained on conversations (prepare --chat): the REPL's `auto` template
             chat_template=bool(train_meta.get("chat_template")),
@@ -328,7 +392,7 @@ class Trainer:
             dict(tree_flatten(model.parameters())),
             self.parts.optimizer.state_dict(),
             meta,
-            tokenizer_dir=tok.dir,
+            tokenizer=tok,
             keep_last=cfg.checkpoint.keep_last,
             metric=metric,
         )
