@@ -1,6 +1,13 @@
 """Training speed: our step vs PyTorch and mlx-lm on the same model, side by side.
 
-    python scripts/benchmark.py [--quick] [--generation] [--out out/benchmark]
+    python scripts/benchmark.py [--quick] [--generation] [--breakdown]
+                                [--out out/benchmark]
+
+Numbers from different machines are never comparable blind: the report opens
+with the machine (`src.backend.machine`: CPU model, physical/logical cores, the
+ISA extensions that matter, the BLAS and the kernels it picked, MLX's version and
+backend, torch's BLAS, and the 2048³ fp32 GEMM ceiling measured here), and every
+table header names the CPU.
 
 For each shape set ((a) a 12.6M-parameter Llama-style model, d 384, 6 layers, 6/2
 heads, context 256, vocab 8192; (b) the model and micro-batch of
@@ -28,6 +35,19 @@ Reported: median tokens/s, MFU (6 * matmul params + 12 * layers * d * context FL
 per token, against the best fp32 2048^3 GEMM of MLX and torch measured here), peak
 memory (process RSS above the post-import baseline; for MLX also the allocator
 peak), and the ratios ours / torch eager, torch.compile and mlx-lm.
+
+`--breakdown` times, instead of the round-robin, where one step's time goes, for
+ours (and ours_plain) and torch: each component alone at the step's shapes, over
+all layers, forward and backward where the step differentiates it, on fresh
+random inputs: the GEMMs (Q/K/V/O and MLP projections, LM head), the attention
+core, the elementwise work and norms (norms, RoPE, activation × up, residual adds,
+embedding lookup), the cross-entropy over the vocabulary logits, and the
+optimizer (clipping + AdamW over all parameters). Ours runs them with the step's
+kernel set (`src.backend.kernels`), streams and mx.compile; torch eagerly, as its
+step does. Reported: each component's median ms and share of their sum, and the
+whole step measured in the same worker, so sum / step says how much the parts
+explain (what they leave out: reshapes and transposes, the gradient sums across
+streams, and the overlap of the step's scheduling).
 """
 
 from __future__ import annotations
@@ -36,6 +56,7 @@ import argparse
 import json
 import math
 import os
+import re
 import resource
 import select
 import statistics
@@ -49,7 +70,13 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 import src  # noqa: E402,F401  (loads the optimized BLAS; must precede mlx)
+from src import cli  # noqa: E402
+from src.backend.machine import describe as describe_machine  # noqa: E402
+from src.backend.machine import short as machine_short  # noqa: E402
+from src.backend.machine import summary as machine_summary  # noqa: E402
 from src.config import config_from_dict, load_config  # noqa: E402
+from src.errors import UsageError  # noqa: E402
+from src.files import atomic_file, check_writable  # noqa: E402
 
 IMPLS = ["ours", "ours_eager", "ours_plain", "torch", "torch_compile", "mlx_lm"]
 SHAPE_A = dict(
@@ -130,7 +157,12 @@ def mlx_worker(impl: str, cfg, init: str):
         policy.streams(cfg.training.streams)  # back to a thread per stream
         return gflops
 
-    return one, gemm, base, mx.get_peak_memory, mx.clear_cache
+    def breakdown(repeats: int) -> dict:
+        step_ms = timed(one, repeats)  # first: the warm-up left the step's buffers
+        comps = {k: timed(f, repeats, lambda f=f: f(1)) for k, f in mlx_components(cfg, parts)}  # fmt: skip
+        return {"components": comps, "step": step_ms}
+
+    return one, gemm, base, mx.get_peak_memory, mx.clear_cache, breakdown
 
 
 def torch_worker(impl: str, cfg, init: str):
@@ -170,7 +202,25 @@ def torch_worker(impl: str, cfg, init: str):
         a, b = torch.randn(2048, 2048), torch.randn(2048, 2048)
         return best_gflops(lambda: a @ b)
 
-    return one, gemm, base, lambda: None, None
+    def breakdown(repeats: int) -> dict:
+        step_ms = timed(one, repeats)  # first: right after the warm-up
+        comps = {k: timed(f, repeats, lambda f=f: f(1)) for k, f in torch_components(cfg, model, opt)}  # fmt: skip
+        return {"components": comps, "step": step_ms}
+
+    return one, gemm, base, lambda: None, None, breakdown
+
+
+def torch_about() -> dict:
+    """torch's version, BLAS and the vector ISA its kernels use here."""
+    import torch
+
+    blas = re.search(r"BLAS_INFO=(\w+)", torch.__config__.show())
+    return {
+        "version": torch.__version__,
+        "blas": blas.group(1) if blas else "unknown",
+        "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+        "threads": torch.get_num_threads(),
+    }
 
 
 def lr_factor(t, step: int) -> float:
@@ -191,23 +241,332 @@ def best_gflops(matmul, n: int = 2048, reps: int = 5) -> float:
     return 2 * n**3 / min(times) / 1e9
 
 
-def worker(impl: str, spec: str, init: str, warmup: int) -> int:
+# ------------------------------------------------ breakdown (worker side)
+# Each component of one training step, alone, at the step's shapes: a function
+# that does that part of the step's work once (forward and backward where the
+# step differentiates it), on fresh random inputs of the step's shapes, over all
+# layers. Ours runs on the step's streams with the step's kernel set
+# (src.backend.kernels) and mx.compile, as the step does; torch runs eagerly as the
+# torch step does. Not timed: reshapes and transposes between the parts, the
+# gradient sums across streams, and the step's scheduling overlap.
+
+COMPONENTS = {
+    "gemm": "GEMMs: Q/K/V/O and MLP projections, LM head (fwd + bwd)",
+    "attention": "attention core: scores, mask, softmax, weighted sum (fwd + bwd)",
+    "elementwise": "elementwise and norms: norms, RoPE, activation × up, residual adds, embedding (fwd + bwd)",  # fmt: skip
+    "cross_entropy": "cross-entropy over the vocabulary logits (fwd + bwd)",
+    "optimizer": "optimizer: gradient clipping + AdamW over all parameters",
+}
+
+
+def projections(m) -> list[tuple[int, int]]:
+    """(in, out) features of one block's linear layers."""
+    d, hd, f = m.d_model, m.head_dim, m.ffn_dim
+    mlp = [(d, f), (d, f), (f, d)] if m.gated else [(d, f), (f, d)]
+    return [(d, m.n_heads * hd), (d, m.kv_heads * hd), (d, m.kv_heads * hd),
+            (m.n_heads * hd, d), *mlp]  # fmt: skip
+
+
+def gemm_flop(m, tokens: int) -> int:
+    """FLOPs of one step's GEMMs: forward + two backward products per projection."""
+    per_layer = sum(i * o for i, o in projections(m))
+    return 6 * tokens * (m.n_layers * per_layer + m.d_model * m.vocab_size)
+
+
+def timed(run, repeats: int, warm_up=None) -> list[float]:
+    """Milliseconds of `repeats` calls of `run()`, after `warm_up()` if given
+    (a component's warm-up runs one layer: enough to compile and allocate)."""
+    if warm_up is not None:
+        warm_up()
+    times = []
+    for _ in range(repeats):
+        tic = time.perf_counter()
+        run()
+        times.append((time.perf_counter() - tic) * 1e3)
+    return times
+
+
+def mlx_components(cfg, parts):
+    """(name, run) pairs: run() computes one step's component (and evaluates it)."""
+    import mlx.core as mx
+    import mlx.nn as nn
+    from mlx.optimizers import clip_grad_norm
+    from mlx.utils import tree_flatten, tree_map, tree_unflatten
+
+    from src.backend import kernels
+    from src.model.masks import attention_mask
+    from src.model.transformer import ACTIVATIONS, make_norm
+    from src.train.optim import build_optimizer
+
+    m, t = cfg.model, cfg.training
+    B, L, V, d, hd = t.batch_size, m.context_length, m.vocab_size, m.d_model, m.head_dim
+    H, KV, f = m.n_heads, m.kv_heads, m.ffn_dim
+    streams = parts.streams[: min(len(parts.streams), B)]
+    bounds = [round(i * B / len(streams)) for i in range(len(streams) + 1)]
+
+    def rand(*shape, scale=1.0):
+        a = mx.random.normal(shape) * scale
+        mx.eval(a)
+        return a
+
+    def sharded(fn):
+        """Compiled fn(rows of the batched arrays, shared arrays) on each stream,
+        over that stream's rows, as the step splits a micro-batch."""
+
+        def run(batched, shared):
+            out = []
+            for s, lo, hi in zip(streams, bounds, bounds[1:]):
+                with mx.stream(s):
+                    out += fn([a[lo:hi] for a in batched], shared)
+            return out
+
+        return mx.compile(run)
+
+    def vjp(fn, primals, cotangents):
+        outs, grads = mx.vjp(fn, primals, cotangents)
+        return [*outs, *grads]
+
+    def per_layer(fn, batched, shared, once=None):
+        """run(): fn once per layer (each layer evaluated in turn, so only one
+        layer's outputs are alive at a time), then `once` (per-step work)."""
+
+        def run(layers=None):
+            for _ in range(layers or m.n_layers):
+                mx.eval(fn(batched, shared))
+            if once is not None:
+                mx.eval(once())
+
+        return run
+
+    def gemm():
+        projs = projections(m)
+        dims = sorted({x for p in projs for x in p})
+        X = {k: rand(B, L, k) for k in dims}
+        G = {k: rand(B, L, k) for k in dims}
+        W = [rand(o, i, scale=0.02) for i, o in projs]
+        matmul = lambda x, w: x @ w.T  # noqa: E731  (nn.Linear without bias)
+
+        def layer(batched, shared):
+            x, g = dict(zip(dims, batched)), dict(zip(dims, batched[len(dims) :]))
+            out = []
+            for (i, o), w in zip(projs, shared):
+                out += vjp(matmul, [x[i], w], [g[o]])
+            return out
+
+        head = sharded(lambda b, s: vjp(matmul, [b[0], s[0]], [b[1]]))
+        x_head, g_head, E = X[d], rand(B, L, V), rand(V, d, scale=0.02)
+        batched = [X[k] for k in dims] + [G[k] for k in dims]
+        return per_layer(sharded(layer), batched, W, lambda: head([x_head, g_head], [E]))  # fmt: skip
+
+    def attention():
+        mask, scale = attention_mask(L), hd**-0.5
+        q, k, v, g = rand(B, H, L, hd), rand(B, KV, L, hd), rand(B, KV, L, hd), rand(B, H, L, hd)  # fmt: skip
+
+        def layer(b, _):
+            fn = lambda q, k, v: kernels.attention(q, k, v, scale=scale, mask=mask)  # noqa: E731
+            return vjp(fn, b[:3], b[3:])
+
+        return per_layer(sharded(layer), [q, k, v, g], [])
+
+    def elementwise():
+        # the model's own norms and activation; the norm weights are differentiated
+        norms = nn.Module()
+        norms.n1, norms.n2, norms.final = (make_norm(m, d) for _ in range(3))
+        if m.qk_norm:
+            norms.q, norms.k = nn.RMSNorm(hd, eps=m.norm_eps), nn.RMSNorm(hd, eps=m.norm_eps)  # fmt: skip
+        flat = tree_flatten(norms.parameters())
+        names, weights = [k for k, _ in flat], [v for _, v in flat]
+        rope = nn.RoPE(hd, traditional=False, base=m.rope_theta)
+        act = ACTIVATIONS[m.mlp]
+
+        def use(weights):
+            if names:  # none: no norm weights
+                norms.update(tree_unflatten(list(zip(names, weights))))
+
+        def block(x, q, k, gate, up, *w):
+            use(w)
+            a = norms.n1(x)  # stands for the attention branch's output
+            if m.qk_norm:
+                q, k = norms.q(q), norms.k(k)
+            if m.position == "rope":
+                q, k = rope(q), rope(k)
+            h = x + a
+            b = norms.n2(h)
+            return [a, q, k, h + b, act(gate) * up if m.gated else act(up)]
+
+        x, q, k = rand(B, L, d), rand(B, H, L, hd), rand(B, KV, L, hd)
+        gate, up = rand(B, L, f), rand(B, L, f)
+        cot = [rand(*a.shape) for a in (x, q, k, x, up)]
+        layer = sharded(lambda b, s: vjp(block, [*b[:5], *s], b[5:]))
+        tokens, E, g = mx.random.randint(0, V, (B, L)), rand(V, d, scale=0.02), rand(B, L, d)  # fmt: skip
+
+        def ends(b, s):  # once per step: the embedding lookup, the final norm
+            def fn(E, h, *w):
+                use(w)
+                return [E[b[0]], norms.final(h) if m.final_norm else h]
+
+            return vjp(fn, [s[0], b[1], *s[1:]], [b[2], b[2]])
+
+        once = sharded(ends)
+        return per_layer(layer, [x, q, k, gate, up, *cot], weights,
+                         lambda: once([tokens, x, g], [E, *weights]))  # fmt: skip
+
+    def cross_entropy():
+        logits, targets = rand(B, L, V), mx.random.randint(0, V, (B, L))
+
+        def shard(b, _):
+            fn = lambda z: kernels.cross_entropy(z, b[1]).sum() / (B * L)  # noqa: E731
+            return list(mx.value_and_grad(fn)(b[0]))
+
+        run = sharded(shard)
+        return lambda layers=None: mx.eval(run([logits, targets], []))
+
+    def optimizer():
+        opt = build_optimizer(parts.model, t)  # a fresh state: the run's is untouched
+        params = parts.model.trainable_parameters()
+        grads = tree_map(lambda p: rand(*p.shape, scale=1e-3), params)
+
+        def update(grads, params):
+            grads, norm = clip_grad_norm(grads, t.grad_clip or math.inf)
+            new = opt.apply_gradients(grads, params)
+            return tree_map(lambda a, b: mx.where(mx.isfinite(norm), a, b), new, params)
+
+        update = mx.compile(update, inputs=opt.state, outputs=opt.state)
+        return lambda layers=None: mx.eval(update(grads, params), opt.state)
+
+    makers = dict(gemm=gemm, attention=attention, elementwise=elementwise,
+                  cross_entropy=cross_entropy, optimizer=optimizer)  # fmt: skip
+    for name, make in makers.items():  # built one at a time: inputs freed after
+        yield name, make()
+
+
+def torch_components(cfg, model, opt):
+    """(name, run) pairs: run() does one step's component in torch (eager)."""
+    import torch
+    import torch.nn.functional as F
+
+    from src.convert.torch_model import (
+        ACTIVATIONS,
+        RMSNorm,
+        apply_rope,
+        make_norm,
+        rope_angles,
+    )
+
+    m, t = cfg.model, cfg.training
+    B, L, V, d, hd = t.batch_size, m.context_length, m.vocab_size, m.d_model, m.head_dim
+    H, KV, f = m.n_heads, m.kv_heads, m.ffn_dim
+    grad = torch.autograd.grad
+
+    def rand(*shape, scale=1.0, leaf=True):
+        return (torch.randn(*shape) * scale).requires_grad_(leaf)
+
+    def gemm():
+        projs = projections(m)
+        X = {k: rand(B, L, k) for p in projs for k in p}
+        G = {k: rand(B, L, k, leaf=False) for p in projs for k in p}
+        W = [rand(o, i, scale=0.02) for i, o in projs]
+        E, g_head = rand(V, d, scale=0.02), rand(B, L, V, leaf=False)
+
+        def run(layers=None):
+            for _ in range(layers or m.n_layers):
+                for (i, o), w in zip(projs, W):
+                    grad(F.linear(X[i], w), (X[i], w), G[o])
+            grad(F.linear(X[d], E), (X[d], E), g_head)
+
+        return run
+
+    def attention():  # torch_model.Attention.forward between RoPE and o_proj
+        q, k, v = rand(B, H, L, hd), rand(B, KV, L, hd), rand(B, KV, L, hd)
+        g = rand(B, H, L, hd, leaf=False)
+
+        def core(q, k, v):
+            k, v = (x.repeat_interleave(H // KV, dim=1) for x in (k, v))
+            scores = (q @ k.transpose(-2, -1)) * hd**-0.5
+            causal = torch.ones(L, L, dtype=torch.bool).tril()
+            scores = scores.masked_fill(~causal, float("-inf"))
+            return scores.float().softmax(dim=-1).to(v.dtype) @ v
+
+        def run(layers=None):
+            for _ in range(layers or m.n_layers):
+                grad(core(q, k, v), (q, k, v), g)
+
+        return run
+
+    def elementwise():  # the model's own norms and activation
+        n1, n2, n3 = (make_norm(m, d) for _ in range(3))
+        nq, nk = RMSNorm(hd, m.norm_eps), RMSNorm(hd, m.norm_eps)
+        act = ACTIVATIONS[m.mlp]
+        x, q, k = rand(B, L, d), rand(B, H, L, hd), rand(B, KV, L, hd)
+        gate, up = rand(B, L, f), rand(B, L, f)
+        cot = [rand(*a.shape, leaf=False) for a in (x, q, k, x, up)]
+        tokens, E = torch.randint(0, V, (B, L)), rand(V, d, scale=0.02)
+        weights = [*n1.parameters(), *n2.parameters()]
+        weights += [*nq.parameters(), *nk.parameters()] if m.qk_norm else []
+        inputs = (x, q, k, gate, up, *weights)
+
+        def run(layers=None):
+            for _ in range(layers or m.n_layers):
+                a = n1(x)  # stands for the attention branch's output
+                qn, kn = (nq(q), nk(k)) if m.qk_norm else (q, k)
+                if m.position == "rope":  # the angles are computed per layer there too
+                    cos, sin = rope_angles(hd, m.rope_theta, torch.arange(L))
+                    qn, kn = apply_rope(qn, cos, sin), apply_rope(kn, cos, sin)
+                h = x + a
+                b = n2(h)
+                mlp = act(gate) * up if m.gated else act(up)
+                grad([a, qn, kn, h + b, mlp], inputs, cot, allow_unused=True)
+            outs = [F.embedding(tokens, E), n3(x) if m.final_norm else x]
+            grad(outs, (E, x, *n3.parameters()), [cot[0], cot[0]], allow_unused=True)
+
+        return run
+
+    def cross_entropy():
+        logits, targets = rand(B, L, V), torch.randint(0, V, (B, L))
+
+        def run(layers=None):
+            loss = F.cross_entropy(logits.flatten(0, 1), targets.flatten())
+            grad(loss, logits)
+
+        return run
+
+    def optimizer():
+        params = list(model.parameters())
+        for p in params:
+            p.grad = torch.randn_like(p) * 1e-3
+
+        def run(layers=None):
+            torch.nn.utils.clip_grad_norm_(params, t.grad_clip or math.inf)
+            opt.step()
+
+        return run
+
+    makers = dict(gemm=gemm, attention=attention, elementwise=elementwise,
+                  cross_entropy=cross_entropy, optimizer=optimizer)  # fmt: skip
+    for name, make in makers.items():
+        yield name, make()
+
+
+def worker(impl: str, spec: str, init: str, warmup: int, mode: str) -> int:
     """Build, warm up, say ready; then answer one JSON command per line on stdin."""
     reply_to = os.fdopen(os.dup(1), "w")
     sys.stdout = sys.stderr  # only protocol lines go to the real stdout
     cfg = config_from_dict(json.loads(spec))
-    build = torch_worker if impl.startswith("torch") else mlx_worker
-    one, gemm, base, mlx_peak, release = build(impl, cfg, init)
+    is_torch = impl.startswith("torch")
+    build = torch_worker if is_torch else mlx_worker
+    one, gemm, base, mlx_peak, release, breakdown = build(impl, cfg, init)
     tic = time.perf_counter()
     first_loss = [one() for _ in range(warmup)][0]
-    if release is not None:
+    if release is not None and mode != "breakdown":  # breakdown: timed right away
         release()
     send = lambda msg: print(json.dumps(msg), file=reply_to, flush=True)  # noqa: E731
     send({"ready": True, "warmup_s": time.perf_counter() - tic, "loss1": first_loss})
     for line in sys.stdin:
         cmd = json.loads(line)
         if "gemm" in cmd:
-            send({"gflops": gemm()})
+            send({"gflops": gemm(), **({"torch": torch_about()} if is_torch else {})})
+        elif "breakdown" in cmd:
+            send(breakdown(cmd["breakdown"]))
         elif "steps" in cmd:  # idle MLX workers hold no cached buffers (docstring)
             if release is not None:
                 one()  # untimed: fills the allocator cache again
@@ -229,8 +588,17 @@ def worker(impl: str, spec: str, init: str, warmup: int) -> int:
 
 
 class Worker:
-    def __init__(self, impl, spec, init, warmup, timeout):
-        cmd = [sys.executable, __file__, "--worker", impl, spec, init, str(warmup)]
+    def __init__(self, impl, spec, init, warmup, timeout, mode="rounds"):
+        cmd = [
+            sys.executable,
+            __file__,
+            "--worker",
+            impl,
+            spec,
+            init,
+            str(warmup),
+            mode,
+        ]
         # torch keeps its own BLAS: no OpenBLAS preloaded over it (src.backend.blas)
         env = {**os.environ, **({"SLM_BLAS": "off"} if "torch" in impl else {})}
         self.impl, self.timeout = impl, timeout
@@ -260,7 +628,8 @@ def flops_per_token(m) -> float:
     12 * layers * d * context for attention scores (the PaLM convention)."""
     d, hd = m.d_model, m.head_dim
     attn = d * hd * (m.n_heads + 2 * m.kv_heads) + m.n_heads * hd * d
-    matmul = m.n_layers * (attn + 3 * d * m.ffn_dim) + m.vocab_size * d
+    mlp = (3 if m.gated else 2) * d * m.ffn_dim
+    matmul = m.n_layers * (attn + mlp) + m.vocab_size * d
     return 6 * matmul + 12 * m.n_layers * d * m.context_length
 
 
@@ -280,11 +649,13 @@ def bench_shape(spec: dict, impls: list[str], args, tmp: Path) -> dict:
     mx.savez(path, **init)
     spec_json = json.dumps(spec)
     res = {"params": m.num_params(), "batch": B, "context": m.context_length}
+    res["layers"] = m.n_layers
     res.update(tokens_per_step=B * m.context_length, flops_per_token=flops_per_token(m))
     rows, live = {}, {}
     for impl in impls:  # built and warmed up one at a time (mx.compile runs g++)
         timeout = args.compile_timeout if impl == "torch_compile" else 1800
-        w = Worker(impl, spec_json, path, args.warmup, timeout)
+        mode = "breakdown" if args.breakdown else "rounds"
+        w = Worker(impl, spec_json, path, args.warmup, timeout, mode)
         try:
             rows[impl] = w.ask()
             live[impl] = w
@@ -295,8 +666,24 @@ def bench_shape(spec: dict, impls: list[str], args, tmp: Path) -> dict:
             )
             rows[impl] = {"skipped": why}
             print(f"  {impl}: skipped, {why}", flush=True)
-    gemm = {k: live[w].ask({"gemm": 1})["gflops"] for k, w in (("mlx", "ours"), ("torch", "torch")) if w in live}  # fmt: skip
+    gemm = {}  # the ceiling, from the first MLX and the first torch worker
+    for impl, w in live.items():
+        fw = "torch" if impl.startswith("torch") else "mlx"
+        if fw not in gemm:
+            reply = w.ask({"gemm": 1})
+            gemm[fw] = reply["gflops"]
+            res.update({"torch": reply["torch"]} if "torch" in reply else {})
     res["gemm_gflops"], ceiling = gemm, max(gemm.values(), default=math.nan)
+    if args.breakdown:
+        res["breakdown"] = {}
+        for impl, w in live.items():
+            print(f"  {impl}: timing the step's components", flush=True)
+            raw = w.ask({"breakdown": args.repeats})
+            w.proc.stdin.close()
+            w.close()
+            res["breakdown"][impl] = summarize(raw, gemm_flop(m, B * m.context_length))
+        res["results"] = rows
+        return res
     times = {impl: [] for impl in live}
     for r in range(args.rounds):  # round-robin: one framework computes at a time
         for impl, w in live.items():
@@ -321,11 +708,62 @@ def fmt_mib(n) -> str:
     return "—" if n is None else f"{n / 2**20:,.0f} MiB"
 
 
-def table(name: str, desc: str, res: dict) -> str:
+def summarize(raw: dict, flop: int) -> dict:
+    """A worker's breakdown timings as medians, shares of their sum, the whole
+    step beside them, and the GEMM component's rate."""
+    ms = {k: statistics.median(v) for k, v in raw["components"].items()}
+    total, step = sum(ms.values()), statistics.median(raw["step"])
+    return {
+        "components": {k: {"ms": v, "share": v / total} for k, v in ms.items()},
+        "sum_ms": total,
+        "step_ms": step,
+        "explained": total / step,
+        "gemm_gflops": flop / ms["gemm"] / 1e6,
+        "n": len(raw["step"]),
+    }
+
+
+def breakdown_table(name: str, desc: str, res: dict, machine: dict) -> str:
+    bd = res["breakdown"]
+    impls = list(bd)
+    ratio = "ours" in bd and "torch" in bd
+    n = max(r["n"] for r in bd.values())
+    lines = [
+        f"**({name}) {desc}: one training step by component** on "
+        f"{machine_short(machine)}: batch {res['batch']} × context {res['context']}, "
+        f"fp32; ms per step, median of {n}; each component timed alone at the "
+        f"step's shapes, over all {res['layers']} layers",
+        "",
+        "| component | " + " | ".join(f"{i} ms | {i} share" for i in impls)
+        + (" | ours / torch time |" if ratio else " |"),
+        "|---|" + "---|---|" * len(impls) + ("---|" if ratio else ""),
+    ]  # fmt: skip
+
+    def row(label, cells, r=None):
+        tail = f" {r:.2f}× |" if ratio and r is not None else (" |" if ratio else "")
+        return f"| {label} | " + " | ".join(cells) + " |" + tail
+
+    for k, label in COMPONENTS.items():
+        cells = []
+        for i in impls:
+            c = bd[i]["components"][k]
+            rate = f" ({bd[i]['gemm_gflops']:.0f} GFLOP/s)" if k == "gemm" else ""
+            cells += [f"{c['ms']:,.1f}{rate}", f"{c['share']:.0%}"]
+        r = bd["ours"]["components"][k]["ms"] / bd["torch"]["components"][k]["ms"] if ratio else None  # fmt: skip
+        lines.append(row(label, cells, r))
+    for key, label in (("sum_ms", "**sum of the components**"), ("step_ms", "**whole step, measured**")):  # fmt: skip
+        cells = [c for i in impls for c in (f"{bd[i][key]:,.1f}", "")]
+        lines.append(row(label, cells, bd["ours"][key] / bd["torch"][key] if ratio else None))  # fmt: skip
+    cells = [c for i in impls for c in (f"{bd[i]['explained']:.0%}", "")]
+    lines.append(row("sum / step (how much the components explain)", cells))
+    return "\n".join(lines + [""])
+
+
+def table(name: str, desc: str, res: dict, machine: dict) -> str:
     g = res["gemm_gflops"]
     lines = [
-        f"**({name}) {desc}**: {res['params'] / 1e6:.1f}M params, batch "
-        f"{res['batch']} × context {res['context']} (grad_accum 1), fp32 on CPU; "
+        f"**({name}) {desc}** on {machine_short(machine)}: {res['params'] / 1e6:.1f}M "
+        f"params, batch {res['batch']} × context {res['context']} (grad_accum 1), fp32; "
         f"GEMM ceiling (2048³ fp32, best of MLX / torch): "
         + " / ".join(f"{v:.0f}" for v in g.values())
         + " GFLOP/s",
@@ -346,47 +784,97 @@ def table(name: str, desc: str, res: dict) -> str:
     return "\n".join(lines + ["", f"Ratios (tokens/s): {ratios}", ""])
 
 
-def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+BREAKDOWN_IMPLS = ["ours", "ours_plain", "torch"]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="python scripts/benchmark.py", description=__doc__.splitlines()[0]
+    )
     p.add_argument("--quick", action="store_true", help="shape set (a), fewer steps")
     p.add_argument("--generation", action="store_true", help="+ bench_generate.py")
+    p.add_argument("--breakdown", action="store_true",
+                   help="time the step's components instead (GEMMs, attention, "
+                   "elementwise, cross-entropy, optimizer) for ours and torch")  # fmt: skip
     p.add_argument("--out", default="out/benchmark", help="writes OUT.json, OUT.md")
     p.add_argument("--shapes", nargs="+", choices=["a", "b", "tiny"],
                    help="shape sets (default a b; --quick: a; tiny: a smoke test)")  # fmt: skip
-    p.add_argument("--impls", nargs="+", choices=IMPLS, default=IMPLS)
-    p.add_argument("--rounds", type=int, help="timed rounds (default 5; quick 3)")
-    p.add_argument("--steps", type=int, default=1, help="timed steps per turn")
-    p.add_argument("--warmup", type=int, help="untimed steps per worker (2; quick 1)")
-    p.add_argument("--compile-timeout", type=float, help="torch.compile warm-up limit")
-    p.add_argument("--worker", nargs=4, help=argparse.SUPPRESS)
-    args = p.parse_args(argv)
+    p.add_argument("--impls", nargs="+", choices=IMPLS,
+                   help="implementations (default all; --breakdown: ours torch)")  # fmt: skip
+    count = cli.int_in(1, 10_000)
+    p.add_argument("--rounds", type=count, help="timed rounds (default 5; quick 3)")
+    p.add_argument("--steps", type=count, default=1, help="timed steps per turn")
+    p.add_argument("--warmup", type=count, help="untimed steps per worker (2; quick 1)")  # fmt: skip
+    p.add_argument("--repeats", type=count,
+                   help="--breakdown: timed repeats per component (5; quick 2)")  # fmt: skip
+    p.add_argument("--compile-timeout", type=cli.positive_number,
+                   help="torch.compile warm-up limit, seconds")  # fmt: skip
+    p.add_argument("--worker", nargs=5, help=argparse.SUPPRESS)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = build_parser()
+    args = cli.parse(p, argv)
+    if isinstance(args, int):
+        return args
     if args.worker:
-        impl, spec, init, warmup = args.worker
-        return worker(impl, spec, init, int(warmup))
+        impl, spec, init, warmup, mode = args.worker
+        return worker(impl, spec, init, int(warmup), mode)
+    return cli.run(lambda: run(args, argv), parser=p)
+
+
+def run(args, argv) -> int:
+    if args.breakdown and not set(args.impls or []) <= set(BREAKDOWN_IMPLS):
+        raise UsageError(f"--breakdown times {', '.join(BREAKDOWN_IMPLS)} only")
+    args.impls = args.impls or (["ours", "torch"] if args.breakdown else IMPLS)
     args.rounds = args.rounds or (3 if args.quick else 5)
     args.warmup = args.warmup or (1 if args.quick else 2)
+    args.repeats = args.repeats or (2 if args.quick else 5)
     args.compile_timeout = args.compile_timeout or (150 if args.quick else 300)
     shapes = args.shapes or (["a"] if args.quick else ["a", "b"])
+    check_writable(Path(args.out).parent)  # before minutes of work, not after
     versions = {k: version(k) for k in ("mlx", "mlx-lm", "torch")}
+    machine = describe_machine()
+    print(f"machine: {machine_summary(machine)}", flush=True)
     report = {"command": " ".join(["python scripts/benchmark.py", *(argv or sys.argv[1:])])}  # fmt: skip
     report.update(date=time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()))
     report.update(cpus=os.cpu_count(), load_start=os.getloadavg(), versions=versions)
-    md = [
-        f"Training step benchmark, {report['date']}, CPU ({os.cpu_count()} cores), "
-        f"load average at start {report['load_start'][0]:.2f}; "
-        + ", ".join(f"{k} {v}" for k, v in versions.items()),
-        f"`{report['command']}`; median of {args.rounds} rounds × {args.steps} "
-        f"step(s), {args.warmup} warm-up steps excluded.",
-        "",
-    ]
+    report["machine"] = machine
+    tables = []
     all_shapes = shape_sets()
     with tempfile.TemporaryDirectory() as tmp:
         for name in shapes:
             desc, spec = all_shapes[name]
             print(f"shape set ({name}) {desc}", flush=True)
-            report[name] = bench_shape(spec, args.impls, args, Path(tmp))
-            md.append(table(name, desc, report[name] | {"desc": desc}))
+            res = report[name] = bench_shape(spec, args.impls, args, Path(tmp))
+            make = breakdown_table if args.breakdown else table
+            tables.append(make(name, desc, res, machine))
+            for fw, gflops in res["gemm_gflops"].items():  # the best over the shapes
+                best = machine.setdefault("gemm_gflops", {})
+                best[fw] = max(best.get(fw, 0.0), gflops)
+            machine.update({"torch": res["torch"]} if "torch" in res else {})
     report["load_end"] = os.getloadavg()
+    what = (
+        "breakdown of a training step" if args.breakdown else "training step benchmark"
+    )
+    timing = (
+        f"median of {args.repeats} repeats per component and of the whole step"
+        if args.breakdown
+        else f"median of {args.rounds} rounds × {args.steps} step(s), "
+        f"{args.warmup} warm-up steps excluded"
+    )
+    md = [
+        f"{what.capitalize()} on **{machine['cpu_model']}**, {report['date']}, "
+        f"load average at start {report['load_start'][0]:.2f}; "
+        + ", ".join(f"{k} {v}" for k, v in versions.items()),
+        "",
+        f"Machine: {machine_summary(machine)}.",
+        "",
+        f"`{report['command']}`; {timing}.",
+        "",
+        *tables,
+    ]
     if args.generation:
         gen = ["--configs", "tiny", "--repeats", "1"] if args.quick else []
         out = subprocess.run(
@@ -396,9 +884,10 @@ def main(argv: list[str] | None = None) -> int:
         report["generation"] = out
         md += ["Generation (`scripts/bench_generate.py`):", "", "```", out.strip(), "```", ""]  # fmt: skip
     text = "\n".join(md)
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(f"{args.out}.json").write_text(json.dumps(report, indent=2) + "\n")
-    Path(f"{args.out}.md").write_text(text)
+    with atomic_file(f"{args.out}.json", "w") as f:
+        f.write(json.dumps(report, indent=2) + "\n")
+    with atomic_file(f"{args.out}.md", "w") as f:
+        f.write(text)
     print("\n" + text)
     return 0
 

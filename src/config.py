@@ -98,6 +98,15 @@ def _folder_name(v: str) -> str | None:
     return None
 
 
+# model.mlp: gated (act(gate(x)) * up(x)) or plain (act(up(x))) feed-forward; GELU is
+# the exact (erf) one. model.norm / norm_position / position: src/model/transformer.py
+GATED_MLPS = ("swiglu", "geglu")
+MLPS = (*GATED_MLPS, "silu", "gelu", "relu2")
+NORMS = ("rmsnorm", "layernorm", "none")
+NORM_POSITIONS = ("pre", "post")
+POSITIONS = ("rope", "none")
+
+
 @dataclass
 class ModelConfig:
     vocab_size: int = num(32000, ge=1, le=MAX_VOCAB)
@@ -106,7 +115,8 @@ class ModelConfig:
     n_heads: int = num(12, ge=1, le=1024)
     # None: same as n_heads (plain multi-head)
     n_kv_heads: int | None = num(None, ge=1, le=1024)
-    # None: 8/3 * d_model rounded up to a multiple of 256
+    # None: gated MLPs 8/3 * d_model rounded up to a multiple of 256, plain ones
+    # 4 * d_model (about the same parameter count)
     d_ff: int | None = num(None, ge=1, le=2**20)
     context_length: int = num(2048, ge=1, le=2**20)
     rope_theta: float = num(10000.0, gt=1, le=1e12)
@@ -116,6 +126,22 @@ class ModelConfig:
     dropout: float = num(0.0, ge=0, lt=1)
     init_std: float = num(0.02, gt=0, le=1)
     gradient_checkpointing: bool = False
+    # feed-forward: swiglu, geglu (gated), silu, gelu, relu2 (plain; relu2 = ReLU^2)
+    mlp: str = choice("swiglu", MLPS)
+    # the norm of each block and the final one; pre: x + f(norm(x)), post:
+    # norm(x + f(x)) with no final norm; none: no norm layers (QK-norm stays)
+    norm: str = choice("rmsnorm", NORMS)
+    norm_position: str = choice("pre", NORM_POSITIONS)
+    position: str = choice("rope", POSITIONS)  # none: no positional encoding (NoPE)
+
+    @property
+    def gated(self) -> bool:
+        return self.mlp in GATED_MLPS
+
+    @property
+    def final_norm(self) -> bool:
+        """Whether the backbone ends with a norm (pre-norm blocks only)."""
+        return self.norm != "none" and self.norm_position == "pre"
 
     @property
     def kv_heads(self) -> int:
@@ -129,16 +155,19 @@ class ModelConfig:
     def ffn_dim(self) -> int:
         if self.d_ff:
             return self.d_ff
+        if not self.gated:  # two matrices instead of three: 4d keeps their size
+            return 4 * self.d_model
         return 256 * math.ceil(8 * self.d_model / 3 / 256)
 
     def num_params(self) -> int:
         """Exact parameter count, computed without building the model."""
         d, hd = self.d_model, self.head_dim
         attn = d * hd * (self.n_heads + 2 * self.kv_heads) + self.n_heads * hd * d
-        mlp = 3 * d * self.ffn_dim
-        norms = 2 * d + (2 * hd if self.qk_norm else 0)
+        mlp = (3 if self.gated else 2) * d * self.ffn_dim
+        norms = (2 * d if self.norm != "none" else 0) + (2 * hd if self.qk_norm else 0)
         embed = self.vocab_size * d * (1 if self.tie_embeddings else 2)
-        return self.n_layers * (attn + mlp + norms) + embed + d
+        final = d if self.final_norm else 0
+        return self.n_layers * (attn + mlp + norms) + embed + final
 
 
 @dataclass
@@ -381,10 +410,16 @@ def validate(cfg: Config) -> Config:
         f"must divide model.n_heads={m.n_heads}",
     )
     _require(
-        m.head_dim % 2 == 0,
+        m.head_dim % 2 == 0 or m.position != "rope",
         "model.d_model",
         m.d_model,
         f"head dim d_model/n_heads={m.head_dim} must be even for RoPE",
+    )
+    _require(
+        m.norm != "none" or m.norm_position == "pre",
+        "model.norm_position",
+        m.norm_position,
+        "has no effect with model.norm=none (leave it at pre)",
     )
     return cfg
 

@@ -321,7 +321,7 @@ def _hf_folder(tmp_path, source, **edits) -> Path:
         ({"attention_bias": True}, "attention_bias=true"),
         ({"rope_scaling": {"rope_type": "llama3", "factor": 8.0}}, "RoPE scaling"),
         ({"model_type": "gpt2"}, "model_type 'gpt2' is not supported"),
-        ({"hidden_act": "gelu"}, "hidden_act='gelu'"),
+        ({"hidden_act": "gelu_pytorch_tanh"}, "hidden_act='gelu_pytorch_tanh'"),
         ({"intermediate_size": 128}, "weights do not match config.json"),
     ],
 )
@@ -491,3 +491,120 @@ def test_hf_export_folder_is_not_private(source, tmp_path):
     os.umask(umask)
     assert stat.S_IMODE(out.stat().st_mode) == 0o777 & ~umask != 0o700
     assert (out / "README.md").is_file()
+
+
+# ------------------------------------------------ model options (model.mlp, ...)
+
+MODEL_OPTIONS = {
+    "geglu": {"mlp": "geglu"},
+    "silu": {"mlp": "silu"},
+    "gelu": {"mlp": "gelu"},
+    "relu2": {"mlp": "relu2"},
+    "layernorm": {"norm": "layernorm"},
+    "no-norm": {"norm": "none", "qk_norm": True},
+    "post": {"norm_position": "post"},
+    "post-layernorm": {"norm": "layernorm", "norm_position": "post"},
+    "nope": {"position": "none"},
+}
+
+
+def _option_checkpoint(tmp_path, tiny_dataset, tiny_config, **opts) -> Path:
+    # untied: random weights without a final norm (post, none) and a tied head
+    # mostly predict the input token again, a decode too flat to compare
+    cfg = tiny_config(vocab_size=512, d_model=64, context_length=64, init_std=0.15,
+                      n_kv_heads=2, tie_embeddings=False, **opts)  # fmt: skip
+    return make_checkpoint(tmp_path / "run", tiny_dataset["tokenizer"], cfg)
+
+
+@needs_torch
+@pytest.mark.parametrize("opts", MODEL_OPTIONS.values(), ids=MODEL_OPTIONS.keys())
+def test_torch_reference_matches_mlx_with_model_options(
+    opts, tmp_path, tiny_dataset, tiny_config
+):
+    """Each option in the PyTorch reference: random weights (norms off 1), the
+    `--to torch` export loaded strictly, logits and 32 greedy tokens equal."""
+    path = _option_checkpoint(tmp_path, tiny_dataset, tiny_config, **opts)
+    model, _, _ = load_model(path)
+    ids = np.random.default_rng(0).integers(0, 512, 48).tolist()
+    pt = tmp_path / "m.pt"
+    assert convert_("--checkpoint", path, "--to", "torch", "--out", pt) == 0
+    ref = torch_model.load(pt)  # strict=True inside
+    with torch.no_grad():
+        theirs = ref(torch.tensor([ids])).numpy()
+    assert_close(mlx_logits(model, ids), theirs, f"{opts}: MLX vs torch reference")
+    assert mlx_greedy(model, ids) == torch_model.generate_greedy(ref, ids[:8], 32)
+
+
+@needs_transformers
+def test_geglu_exports_as_llama_gelu_and_imports_back(
+    tmp_path, tiny_dataset, tiny_config, capsys
+):
+    """model.mlp=geglu is Llama with hidden_act "gelu" (exact): transformers'
+    logits equal ours, the export warns about mlx-lm, and --from hf (with our
+    stashed config or without it) gives geglu back."""
+    from transformers import AutoModelForCausalLM
+
+    from src.checkpoint.hf_folder import STASH, model_config_from_hf
+
+    path = _option_checkpoint(tmp_path, tiny_dataset, tiny_config, mlp="geglu")
+    model, _, _ = load_model(path)
+    out = tmp_path / "hf"
+    assert convert_("--checkpoint", path, "--to", "hf", "--out", out) == 0
+    assert "mlx-lm's llama ignores hidden_act" in capsys.readouterr().err
+    config = json.loads((out / "config.json").read_text())
+    assert (config["model_type"], config["hidden_act"]) == ("llama", "gelu")
+    hf_model = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
+    ids = np.random.default_rng(1).integers(0, 512, 48).tolist()
+    with torch.no_grad():
+        theirs = hf_model(torch.tensor([ids])).logits.numpy()
+    assert_close(mlx_logits(model, ids), theirs, "geglu: MLX vs transformers")
+    assert convert_("--from", "hf", out, "--out", tmp_path / "back") == 0
+    back = ckpt.resolve_resume(str(tmp_path / "back/latest"), tmp_path / "back")
+    meta = ckpt.read_meta(back)
+    assert meta["config"]["model"]["mlp"] == "geglu"
+    del config[STASH]  # a Llama folder with hidden_act gelu from elsewhere
+    imported = model_config_from_hf(config)
+    assert imported.mlp == "geglu" and imported.d_ff is None
+    assert imported.ffn_dim == model.config.ffn_dim
+
+
+@pytest.mark.parametrize(
+    "opts, words",
+    [
+        ({"mlp": "relu2"}, "model.mlp=relu2 (a plain, ungated MLP)"),
+        ({"mlp": "silu"}, "model.mlp=silu"),
+        ({"norm": "layernorm"}, "model.norm=layernorm"),
+        ({"norm": "none"}, "model.norm=none"),
+        ({"norm_position": "post"}, "model.norm_position=post"),
+        ({"position": "none"}, "model.position=none"),
+    ],
+)
+def test_hf_export_refuses_options_llama_cannot_compute(
+    opts, words, tmp_path, tiny_dataset, tiny_config, capsys
+):
+    path = _option_checkpoint(tmp_path, tiny_dataset, tiny_config, **opts)
+    assert convert_("--checkpoint", path, "--to", "hf", "--out", tmp_path / "hf") == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and words in err and "Traceback" not in err
+    assert "no Hugging Face Llama/Qwen3 equivalent" in err
+    assert not (tmp_path / "hf").exists()
+
+
+def test_option_export_refusals_through_the_cli(tmp_path, tiny_dataset, tiny_config):
+    """`python -m src.convert`: a relu2 model to hf, a geglu one to gguf: one
+    error line, exit 2, nothing written; the relu2 one still exports to torch."""
+    relu2 = _option_checkpoint(tmp_path / "a", tiny_dataset, tiny_config, mlp="relu2")
+    geglu = _option_checkpoint(tmp_path / "b", tiny_dataset, tiny_config, mlp="geglu")
+    cases = [
+        (relu2, "hf", tmp_path / "hf", "model.mlp=relu2"),
+        (geglu, "gguf", tmp_path / "m.gguf", "model.mlp=geglu: llama.cpp"),
+    ]
+    for path, to, out, words in cases:
+        proc = run_cli("--checkpoint", path, "--to", to, "--out", out)
+        assert proc.returncode == 2, proc.stderr
+        lines = proc.stderr.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith("error: "), proc.stderr
+        assert words in lines[0] and not out.exists()
+    if torch is not None:  # the PyTorch reference computes every option
+        pt = tmp_path / "relu2.pt"
+        assert convert_("--checkpoint", relu2, "--to", "torch", "--out", pt) == 0

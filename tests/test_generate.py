@@ -247,3 +247,43 @@ def test_padded_rows_compute_what_they_would_alone(kernel_set, make_model):
         steps = generate_step(model, batch, s, cache, None, None, compiled=compiled)
         together = np.array([y.tolist() for y in steps]).T.tolist()
         assert together == [np.array(run(model, [r], s))[:, 0].tolist() for r in rows]
+
+
+MODEL_OPTIONS = {  # model.mlp / norm / norm_position / position off their defaults
+    "geglu": {"mlp": "geglu"},
+    "relu2": {"mlp": "relu2"},
+    "layernorm": {"norm": "layernorm"},
+    "no-norm": {"norm": "none"},
+    "post": {"norm_position": "post"},
+    "nope": {"position": "none"},
+    "all": {
+        "mlp": "gelu",
+        "norm": "layernorm",
+        "norm_position": "post",
+        "position": "none",
+        "qk_norm": True,
+    },  # fmt: skip
+}
+
+
+@pytest.mark.parametrize("opts", MODEL_OPTIONS.values(), ids=MODEL_OPTIONS.keys())
+def test_cached_equals_uncached_with_model_options(opts, make_model):
+    """Each model option: chunked prefill then cached steps, eager and compiled,
+    give a full recompute's logits; greedy tokens equal the uncached ones."""
+    model = make_model(**opts)
+    seq = mx.array(np.random.default_rng(3).integers(0, 97, (2, 20)))
+    full = model(seq)
+    eager, cache = make_cache(model), make_cache(model)
+    got = [prefill(model, seq[:, :7], eager, 3)]
+    prefill(model, seq[:, :7], cache, 100)
+    decoder = Decoder(model, bucket=4)
+    for t in range(7, 20):
+        got.append(model(seq[:, t : t + 1], cache=eager)[:, -1, :])
+        step = decoder(seq[:, t : t + 1], cache)
+        assert mx.allclose(step, full[:, t], atol=2e-5), (t, diff(step, full[:, t]))
+    got = mx.stack(got, axis=1)
+    assert mx.allclose(got, full[:, 6:], atol=2e-5), diff(got, full[:, 6:])
+    s = Sampling(temperature=0, max_tokens=15)
+    assert run(model, [[5, 17, 3, 44, 9]], s) == run(
+        model, [[5, 17, 3, 44, 9]], s, cache=False
+    )

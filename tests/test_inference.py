@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 
 from src.inference import cli as inference
+from src.inference.cache import make_cache
 from src.inference.chat import CHAT, PLAIN, Chat, command, pick_template, repl
 from src.inference.sampling import Sampling
 
@@ -288,3 +289,29 @@ def test_repl_through_a_pseudo_terminal_ctrl_c_and_ctrl_d(ckpt):
     finally:
         proc.kill()
         os.close(master)
+
+
+@pytest.mark.parametrize("temperature", [0.0, 1.0])
+def test_ids_past_the_tokenizer_are_never_sampled(temperature):
+    """A model whose embedding has more rows than its tokenizer has pieces (a
+    padded vocabulary) never hands out an id the tokenizer cannot decode, even
+    when those rows dominate the logits; without the limit it would."""
+    from src.config import ModelConfig
+    from src.inference.generate import generate_step
+    from src.model.transformer import Model
+
+    n_tok, rows = 40, 48
+    model = Model(ModelConfig(vocab_size=rows, d_model=32, n_layers=1, n_heads=2,
+                              context_length=32, tie_embeddings=False))  # fmt: skip
+    w = np.array(model.lm_head.weight)
+    w[n_tok:] = 50.0 * np.sign(w[:n_tok].sum(0))  # the padded rows win every time
+    model.lm_head.weight = mx.array(w)
+    s = Sampling(temperature=temperature, seed=3, max_tokens=12)
+    prompt = mx.array([[1, 5, 7]])
+    free = [int(y.item()) for y in generate_step(model, prompt, s, None)]
+    assert max(free) >= n_tok  # the limit is what keeps them out
+    for cache in (None, make_cache(model)):
+        ids = [
+            int(y.item()) for y in generate_step(model, prompt, s, cache, n_vocab=n_tok)
+        ]
+        assert len(ids) == 12 and max(ids) < n_tok, ids

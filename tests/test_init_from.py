@@ -309,3 +309,33 @@ def test_refusals_are_one_line(llama, bpe_data, tiny_dataset, tmp_path):
     user_error(run("train", "--config", config, "--resume", llama),
                f"--resume {llama}", f"--init-from {llama}")  # fmt: skip
     assert not (out / "ck").exists() and not (out / "logs").exists()
+
+
+def test_model_options_come_from_the_source(tiny_dataset, tiny_config, tmp_path):
+    """A source trained with model options (here GeGLU, LayerNorm, post-norm) gives
+    them to a config that leaves them out, and a config that says otherwise is
+    refused naming each key: the weights would load into another computation."""
+    from mlx.utils import tree_flatten
+
+    from src.checkpoint import store
+    from src.checkpoint.contents import build_meta
+    from src.errors import ConfigError
+    from src.model.transformer import Model
+    from src.train.init_from import resolve_config
+
+    options = dict(mlp="geglu", norm="layernorm", norm_position="post")
+    cfg = tiny_config(vocab_size=512, d_model=32, **options)
+    sha = load_tokenizer(tiny_dataset["tokenizer"]).sha256
+    weights = dict(tree_flatten(Model(cfg.model).parameters()))
+    store.save_checkpoint(tmp_path / "src", 3, weights, {}, build_meta(cfg, sha),
+                          tiny_dataset["tokenizer"])  # fmt: skip
+    config = tmp_path / "ft.yaml"
+    config.write_text(f"data:\n  tokenizer_path: {tiny_dataset['tokenizer']}\n")
+    got, source = resolve_config(config, [], str(tmp_path / "src"))
+    assert {k: getattr(got.model, k) for k in options} == options
+    assert got.model.d_model == 32 and source is not None
+    with pytest.raises(ConfigError) as exc:
+        resolve_config(config, ["model.mlp=swiglu", "model.norm=rmsnorm"],
+                       str(tmp_path / "src"))  # fmt: skip
+    assert "model.mlp: source 'geglu', given 'swiglu'" in str(exc.value)
+    assert "model.norm: source 'layernorm', given 'rmsnorm'" in str(exc.value)

@@ -121,3 +121,31 @@ def describe() -> str:
         f"run ~30x slower. Install an optimized one: `{INSTALL_HINT}` "
         f"or set {ENV_VAR}=/path/to/libopenblas.so"
     )
+
+
+def library_info() -> dict[str, str | None]:
+    """What the loaded BLAS says of itself: `config`, its version and build
+    (OpenBLAS: 'OpenBLAS 0.3.21 ... DYNAMIC_ARCH ...'; BLIS, MKL: the version), and
+    `core`, the kernel set it picked for this CPU (OpenBLAS: 'Zen', 'Haswell',
+    'SkylakeX', 'SapphireRapids', 'NeoverseN1'...; BLIS: its architecture). None
+    where nothing is loaded or the library has no such call."""
+    info: dict[str, str | None] = {"config": None, "core": None}
+    if _LIB is None:
+        return info
+    for key, name in (("config", "openblas_get_config"),
+                      ("core", "openblas_get_corename"),
+                      ("config", "bli_info_get_version_str")):  # fmt: skip
+        fn = getattr(_LIB, name, None)
+        if fn is not None and info[key] is None:
+            fn.restype = ctypes.c_char_p
+            info[key] = (fn() or b"").decode(errors="replace").strip() or None
+    query, arch_name = (getattr(_LIB, n, None) for n in ("bli_arch_query_id", "bli_arch_string"))  # fmt: skip
+    if info["core"] is None and query is not None and arch_name is not None:
+        arch_name.restype = ctypes.c_char_p
+        info["core"] = (arch_name(query()) or b"").decode(errors="replace") or None
+    mkl = getattr(_LIB, "MKL_Get_Version_String", None)
+    if info["config"] is None and mkl is not None:
+        buf = ctypes.create_string_buffer(256)
+        mkl(buf, ctypes.c_int(len(buf)))
+        info["config"] = buf.value.decode(errors="replace").strip() or None
+    return info

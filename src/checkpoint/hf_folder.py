@@ -30,6 +30,10 @@ from ..model.transformer import Model
 STASH = "mlx_slm_trainer"
 ARCH = ("vocab_size", "d_model", "n_layers", "n_heads", "kv_heads", "ffn_dim")
 ARCH += ("context_length", "rope_theta", "norm_eps", "qk_norm", "tie_embeddings")
+ARCH += ("mlp",)
+# config.json's hidden_act -> model.mlp (Llama's MLP is gated: act(gate(x)) * up(x));
+# "gelu" is the exact GELU in transformers, as ours
+MLP_OF_ACT = {"silu": "swiglu", "gelu": "geglu"}
 
 # Sizes beyond these are no model we can hold: a config.json asking for them is
 # damaged (the weights must match it too, so this only stops absurd requests
@@ -79,7 +83,8 @@ def _object(c: dict, key: str) -> dict:
 def model_config_from_hf(c: dict) -> ModelConfig:
     """Our ModelConfig for a Llama/Qwen3 config.json; ConvertError naming the key
     for a missing, mistyped or absurd value, or when we cannot run that model
-    exactly (biases, RoPE scaling, other activations, sliding windows)."""
+    exactly (biases, RoPE scaling, other activations, sliding windows).
+    hidden_act silu is model.mlp swiglu, gelu (exact) geglu."""
     kind = c.get("model_type")
     if kind not in ("llama", "qwen3"):
         raise ConvertError(f"model_type {kind!r} is not supported (llama, qwen3)")
@@ -87,8 +92,9 @@ def model_config_from_hf(c: dict) -> ModelConfig:
     problems = [
         f"{k}=true" for k in ("attention_bias", "mlp_bias") if _flag(c, k, False)
     ]
-    if c.get("hidden_act", "silu") != "silu":
-        problems.append(f"hidden_act={c['hidden_act']!r} (need silu)")
+    act = c.get("hidden_act", "silu")
+    if not isinstance(act, str) or act not in MLP_OF_ACT:
+        problems.append(f"hidden_act={act!r} (need {' or '.join(MLP_OF_ACT)})")
     for r in (rope, scaling):
         if r.get("rope_type", r.get("type", "default")) != "default":
             problems.append(f"RoPE scaling {r.get('rope_type', r.get('type'))!r}")
@@ -113,8 +119,9 @@ def model_config_from_hf(c: dict) -> ModelConfig:
         norm_eps=_number(c, "rms_norm_eps", 1e-6, 0, 1),
         qk_norm=kind == "qwen3",
         tie_embeddings=_flag(c, "tie_word_embeddings", False),
+        mlp=MLP_OF_ACT[act],
     )
-    if m.d_ff == ModelConfig(d_model=m.d_model).ffn_dim:
+    if m.d_ff == ModelConfig(d_model=m.d_model, mlp=m.mlp).ffn_dim:
         m.d_ff = None  # the default width: keep the config as a run would write it
     return m
 

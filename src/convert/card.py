@@ -253,7 +253,7 @@ def model_card(ck: Checkpoint, folder: str, dtype: str) -> str:
         _row("attention heads", m.n_heads),
         _row("kv heads", m.kv_heads),
         _row("head dim", m.head_dim),
-        _row("feed-forward (SwiGLU)", m.ffn_dim),
+        _row(f"feed-forward ({m.mlp})", m.ffn_dim),
         _row("context length", m.context_length),
         _row("vocabulary", m.vocab_size),
         _row("RoPE theta", f"{m.rope_theta:g}"),

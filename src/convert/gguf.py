@@ -3,7 +3,8 @@
 package's GGUFWriter (`pip install -e '.[gguf]'`, imported lazily).
 
 The architecture is the one `--to hf` maps to: `llama`, or `qwen3` when QK-norm
-is on. Tensor names come from gguf's own table (`get_tensor_name_map`), so
+is on; llama.cpp computes both with SwiGLU only, so every other `model.mlp` is
+refused, as are the options `--to hf` refuses. Tensor names come from gguf's own table (`get_tensor_name_map`), so
 `model.layers.0.self_attn.q_proj.weight` becomes `blk.0.attn_q.weight`. The two
 archs rotate differently in llama.cpp: qwen3 rotates the two halves of each head
 (NeoX style, as we do), llama rotates consecutive pairs, so for llama the rows of
@@ -97,6 +98,13 @@ def vocab(tok: Tokenizer, n_vocab: int) -> tuple[list[str], list[float], list[in
 def check_exportable(ck: Checkpoint) -> Tokenizer:
     """ConvertError naming what llama.cpp cannot compute; the tokenizer if not."""
     cfg = ck.config
+    if cfg.model.mlp != "swiglu":
+        other = "--to hf or --to torch" if cfg.model.gated else "--to torch"
+        raise ConvertError(
+            f"model.mlp={cfg.model.mlp}: llama.cpp's llama and qwen3 architectures "
+            "compute SwiGLU only; refusing to export a model that would compute "
+            f"differently ({other} exports it)"
+        )
     hf_config(cfg, "fp32", None)  # settings no Llama/Qwen3 expresses are refused
     tok_dir = ck.tokenizer_dir
     if not (tok_dir / MODEL_FILE).is_file():

@@ -5,7 +5,10 @@ one into a checkpoint.
 Our weight names already are Hugging Face Llama's (`model.layers.0.self_attn.q_proj.
 weight`, ...), so every direction is a dictionary copy plus a config translation:
 `model_type` llama, or qwen3 (Llama + per-head QK-norm before RoPE) when QK-norm is
-on. Weights go to safetensors straight from MLX (bf16 never passes through numpy);
+on; `model.mlp` geglu is `hidden_act` "gelu" (exact GELU, transformers computes it;
+mlx-lm's llama always computes SiLU, so the export warns). The other model options
+(plain MLPs, layernorm, no norm, post-norm, no RoPE) have no Llama/Qwen3 form and
+are refused (`--to torch` exports them). Weights go to safetensors straight from MLX (bf16 never passes through numpy);
 the tokenizer becomes a `tokenizer.json` built from our SentencePiece model, checked
 to encode like it (with our chat template when the model was trained on
 conversations, whose end-of-turn marker `<|end|>` then joins EOS in
@@ -42,6 +45,8 @@ from ..tokenizer.kinds import load_tokenizer, save_tokenizer, tokenizer_kind
 from ..tokenizer.spm import MODEL_FILE, Tokenizer
 from .card import chat_template_jinja, model_card
 
+# model.mlp -> Llama's hidden_act (gated act(gate(x)) * up(x)); plain MLPs have none.
+HIDDEN_ACT = {"swiglu": "silu", "geglu": "gelu"}
 HF_DTYPE_NAMES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
 # ModelConfig fields that only matter for training: no inference format needs them.
 TRAINING_ONLY = {"dropout", "init_std", "gradient_checkpointing"}
@@ -54,12 +59,16 @@ def hf_config(cfg: Config, dtype: str, step: int | None) -> dict:
     known = {*ARCH, "n_kv_heads", "d_ff", *TRAINING_ONLY}
     default = ModelConfig()
     odd = [
-        k for k, v in vars(m).items() if k not in known and v != getattr(default, k, 0)
+        f"model.{k}={v}"
+        for k, v in vars(m).items()
+        if k not in known and v != getattr(default, k, 0)
     ]
+    if m.mlp not in HIDDEN_ACT:
+        odd.insert(0, f"model.mlp={m.mlp} (a plain, ungated MLP)")
     if odd:
         raise ConvertError(
-            f"model settings {', '.join(odd)} have no Hugging Face Llama/Qwen3 "
-            "equivalent; refusing to export a model that would compute differently"
+            f"{', '.join(odd)}: no Hugging Face Llama/Qwen3 equivalent; refusing to "
+            "export a model that would compute differently (--to torch exports it)"
         )
     out = {
         "architectures": ["Qwen3ForCausalLM" if m.qk_norm else "LlamaForCausalLM"],
@@ -71,7 +80,7 @@ def hf_config(cfg: Config, dtype: str, step: int | None) -> dict:
         "num_attention_heads": m.n_heads,
         "num_key_value_heads": m.kv_heads,
         "head_dim": m.head_dim,
-        "hidden_act": "silu",
+        "hidden_act": HIDDEN_ACT[m.mlp],
         "max_position_embeddings": m.context_length,
         "rms_norm_eps": m.norm_eps,
         # rope_theta top-level for mlx-lm and transformers 4; nested for 5.
@@ -147,6 +156,14 @@ def to_hf(path, out, dtype: str = "fp32") -> Path:
     ck = open_checkpoint(path)
     cfg, weights, src = ck.config, ck.weights, ck.path
     config = hf_config(cfg, dtype, ck.meta.get("step"))
+    if cfg.model.mlp != "swiglu":
+        print(
+            f"warning: model.mlp={cfg.model.mlp} exports as hidden_act="
+            f"{config['hidden_act']!r}, which transformers computes; mlx-lm's llama "
+            "ignores hidden_act (it computes SiLU): load this folder with "
+            "transformers or this project",
+            file=sys.stderr,
+        )
     tok = None
     if tokenizer_kind(ck.tokenizer_dir):
         tok = load_tokenizer(ck.tokenizer_dir)

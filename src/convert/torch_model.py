@@ -9,7 +9,10 @@ weight dictionary, key for key) and the same math:
   position * theta^(-2i/head_dim);
 - grouped-query attention: query head h reads kv head h // (n_heads / n_kv_heads);
 - optional QK-norm (per head, before RoPE), SwiGLU MLP, no biases, and an LM head
-  that is the token embedding when `tie_embeddings` (no `lm_head` key then).
+  that is the token embedding when `tie_embeddings` (no `lm_head` key then);
+- the model options: `mlp` (gated swiglu/geglu, plain silu/gelu/relu2; GELU exact,
+  erf), `norm` (rmsnorm, layernorm without bias in fp32, none), `norm_position`
+  (post: norm(x + f(x)), no final norm) and `position` (none: no RoPE).
 
 It is written for clarity, not speed: `generate_greedy` re-runs the whole window for
 every new token (no KV cache), which makes it an independent check of the cached MLX
@@ -38,6 +41,36 @@ class RMSNorm(nn.Module):
         return self.weight * x32.to(x.dtype)
 
 
+class LayerNorm(nn.Module):
+    """LayerNorm without bias, computed in fp32 like RMSNorm."""
+
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x32 = F.layer_norm(x.float(), (x.shape[-1],), eps=self.eps)
+        return self.weight * x32.to(x.dtype)
+
+
+def make_norm(cfg: ModelConfig, dim: int) -> nn.Module:
+    if cfg.norm == "rmsnorm":
+        return RMSNorm(dim, cfg.norm_eps)
+    if cfg.norm == "layernorm":
+        return LayerNorm(dim, cfg.norm_eps)
+    return nn.Identity()
+
+
+ACTIVATIONS = {  # model.mlp -> activation
+    "swiglu": F.silu,
+    "geglu": F.gelu,  # exact (erf): approximate="none"
+    "silu": F.silu,
+    "gelu": F.gelu,
+    "relu2": lambda x: F.relu(x).square(),
+}
+
+
 def rope_angles(
     head_dim: int, theta: float, positions: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -63,6 +96,7 @@ class Attention(nn.Module):
             cfg.head_dim,
         )
         self.rope_theta = cfg.rope_theta
+        self.rope = cfg.position == "rope"
         d, hd = cfg.d_model, cfg.head_dim
         self.q_proj = nn.Linear(d, self.n_heads * hd, bias=False)
         self.k_proj = nn.Linear(d, self.n_kv_heads * hd, bias=False)
@@ -81,10 +115,11 @@ class Attention(nn.Module):
         if self.qk_norm:
             q, k = self.q_norm(q), self.k_norm(k)
         q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # (B, H, L, hd)
-        cos, sin = rope_angles(
-            self.head_dim, self.rope_theta, torch.arange(L, device=x.device)
-        )
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if self.rope:
+            cos, sin = rope_angles(
+                self.head_dim, self.rope_theta, torch.arange(L, device=x.device)
+            )
+            q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         # GQA: each kv head serves n_heads / n_kv_heads consecutive query heads.
         groups = self.n_heads // self.n_kv_heads
         k = k.repeat_interleave(groups, dim=1)
@@ -97,27 +132,36 @@ class Attention(nn.Module):
 
 
 class MLP(nn.Module):
-    """SwiGLU: down(silu(gate(x)) * up(x))."""
+    """Gated (swiglu, geglu): down(act(gate(x)) * up(x)); plain: down(act(up(x)))."""
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
-        self.gate_proj = nn.Linear(cfg.d_model, cfg.ffn_dim, bias=False)
+        self.gated = cfg.gated
+        if cfg.gated:
+            self.gate_proj = nn.Linear(cfg.d_model, cfg.ffn_dim, bias=False)
         self.up_proj = nn.Linear(cfg.d_model, cfg.ffn_dim, bias=False)
         self.down_proj = nn.Linear(cfg.ffn_dim, cfg.d_model, bias=False)
+        self.act = ACTIVATIONS[cfg.mlp]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        if self.gated:
+            return self.down_proj(self.act(self.gate_proj(x)) * self.up_proj(x))
+        return self.down_proj(self.act(self.up_proj(x)))
 
 
 class Block(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
-        self.input_layernorm = RMSNorm(cfg.d_model, cfg.norm_eps)
+        self.input_layernorm = make_norm(cfg, cfg.d_model)
         self.self_attn = Attention(cfg)
-        self.post_attention_layernorm = RMSNorm(cfg.d_model, cfg.norm_eps)
+        self.post_attention_layernorm = make_norm(cfg, cfg.d_model)
         self.mlp = MLP(cfg)
+        self.post_norm = cfg.norm_position == "post"
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.post_norm:  # norm(x + f(x))
+            h = self.input_layernorm(x + self.self_attn(x))
+            return self.post_attention_layernorm(h + self.mlp(h))
         h = x + self.self_attn(self.input_layernorm(x))
         return h + self.mlp(self.post_attention_layernorm(h))
 
@@ -127,7 +171,7 @@ class Backbone(nn.Module):
         super().__init__()
         self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.d_model)
         self.layers = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layers))
-        self.norm = RMSNorm(cfg.d_model, cfg.norm_eps)
+        self.norm = make_norm(cfg, cfg.d_model) if cfg.final_norm else nn.Identity()
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
         h = self.embed_tokens(tokens)  # (B, L, D)

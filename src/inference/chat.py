@@ -123,8 +123,9 @@ class Chat:
         streamer, fed = TextStreamer(self.tok, s.stop), list(self.tokens)
         history = mx.array([self.tokens])
         steps = generate_step(
-            self.model, prompt, s, self.cache, history, n_new, self.stats
-        )
+            self.model, prompt, s, self.cache, history, n_new, self.stats,
+            n_vocab=self.tok.vocab_size,
+        )  # fmt: skip
         try:
             for y in steps:
                 fed.append(token := y.item())

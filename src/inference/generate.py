@@ -148,6 +148,7 @@ def generate_step(
     stats: Stats | None = None,
     prefill_chunk: int = PREFILL_CHUNK,
     compiled: bool = True,
+    n_vocab: int | None = None,
 ) -> Iterator[mx.array]:
     """Yield next-token arrays (B,) continuing `prompt` (B, L) on top of `cache`.
 
@@ -155,7 +156,9 @@ def generate_step(
     (default: the prompt). Decode steps run through `Decoder` (compiled) unless
     `compiled=False`; `cache=None` re-runs the whole sequence every step. Both are
     the slow references the fast path is tested against. The caller stops on EOS;
-    this stops after `max_new_tokens` (default `sampling.max_tokens`)."""
+    this stops after `max_new_tokens` (default `sampling.max_tokens`). Ids at or
+    above `n_vocab` (the tokenizer's size, when the embedding has more rows) are
+    never chosen: the tokenizer could not decode them."""
     n_new = sampling.max_tokens if max_new_tokens is None else max_new_tokens
     sampler = make_sampler(sampling, model.config.vocab_size)
     processors = make_processors(sampling)
@@ -167,8 +170,13 @@ def generate_step(
     pad = getattr(cache[0], "pad", None) if cache else None  # padding: not prompt
     stats.prompt_tokens += prompt.size - (int(pad.sum()) if pad is not None else 0)
 
+    rows = model.config.vocab_size
+    unused = mx.arange(rows) >= n_vocab if n_vocab and n_vocab < rows else None
+
     def pick(logits: mx.array, hist: mx.array, key: mx.array) -> mx.array:
         logits = logits.astype(mx.float32)
+        if unused is not None:
+            logits = mx.where(unused, -mx.inf, logits)
         for proc in processors:  # penalties take one row's history
             rows = [proc(hist[i], logits[i : i + 1]) for i in range(len(hist))]
             logits = mx.concatenate(rows)
@@ -221,6 +229,7 @@ def generate_tokens(
     sampling: Sampling | None = None,
     reserve: int = 0,
     stats: Stats | None = None,
+    n_vocab: int | None = None,
 ) -> Iterator[int]:
     """Yield up to `max_new_tokens` ids continuing `prompt`, stopping before EOS
     and when the context is full. `sampling` overrides temperature and seed.
@@ -233,7 +242,9 @@ def generate_tokens(
     s = sampling or Sampling(temperature=temperature, seed=seed)
     n_new = min(max_new_tokens, context - len(tokens))
     cache = make_cache(model) if use_cache else None
-    steps = generate_step(model, mx.array([tokens]), s, cache, None, n_new, stats)
+    steps = generate_step(
+        model, mx.array([tokens]), s, cache, None, n_new, stats, n_vocab=n_vocab
+    )
     for y in steps:
         token = y.item()
         if token == eos_id:

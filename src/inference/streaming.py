@@ -99,7 +99,9 @@ def run_rows(model, tokenizer, rows, s: Sampling, stats: Stats, on_text=None):
     cache = make_cache(model, mx.array(pads) if any(pads) else None)
     streamers = [TextStreamer(tokenizer, s.stop) for _ in rows]
     counts, done = [0] * len(rows), [False] * len(rows)
-    steps = generate_step(model, padded, s, cache, None, n_new, stats)
+    steps = generate_step(
+        model, padded, s, cache, None, n_new, stats, n_vocab=tokenizer.vocab_size
+    )
     for y in steps:
         for r, token in enumerate(y.tolist()):
             if done[r] or token == tokenizer.eos_id:

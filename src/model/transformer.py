@@ -6,6 +6,13 @@ tied to the token embedding. No biases. Module names follow Hugging Face Llama
 (`model.layers.0.self_attn.q_proj`, `model.embed_tokens`, `lm_head`, ...) so
 that weight export is a dictionary lookup.
 
+Options (each off by default, `src.config.ModelConfig`): `mlp` picks the feed-
+forward (gated swiglu/geglu: down(act(gate(x)) * up(x)); plain silu/gelu/relu2:
+down(act(up(x))), no gate_proj); `norm` the norm (rmsnorm, layernorm without bias,
+none: identity); `norm_position` post puts the norm after each residual add,
+norm(x + f(x)), with no final norm (the last block's output is normalized);
+`position` none drops RoPE (causal attention alone tells positions apart).
+
 Attention talks to a KV cache only through `cache.offset` and
 `cache.update_and_fetch(k, v)`, and the model asks the first layer's cache for the
 mask (`cache.make_mask(L)`): `src.inference.cache.KVCache`; mlx-lm's caches fit as
@@ -26,6 +33,30 @@ from ..config import ModelConfig
 from .masks import attention_mask
 
 
+def _relu2(x: mx.array) -> mx.array:
+    return mx.square(nn.relu(x))
+
+
+# model.mlp -> its activation; GELU is the exact (erf) one, as torch's F.gelu and
+# transformers' hidden_act "gelu". SiLU is the backend's (`src.backend.kernels`).
+ACTIVATIONS = {
+    "swiglu": kernels.silu,
+    "geglu": nn.gelu,
+    "silu": kernels.silu,
+    "gelu": nn.gelu,
+    "relu2": _relu2,
+}
+
+
+def make_norm(cfg: ModelConfig, dims: int) -> nn.Module:
+    """The norm `cfg.norm` names over the last `dims` features (none: identity)."""
+    if cfg.norm == "rmsnorm":
+        return nn.RMSNorm(dims, eps=cfg.norm_eps)
+    if cfg.norm == "layernorm":
+        return nn.LayerNorm(dims, eps=cfg.norm_eps, bias=False)
+    return nn.Identity()
+
+
 class Attention(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
@@ -44,7 +75,8 @@ class Attention(nn.Module):
             self.q_norm = nn.RMSNorm(hd, eps=cfg.norm_eps)
             self.k_norm = nn.RMSNorm(hd, eps=cfg.norm_eps)
         # traditional=False rotates the two halves of each head (the HF convention).
-        self.rope = nn.RoPE(hd, traditional=False, base=cfg.rope_theta)
+        if cfg.position == "rope":
+            self.rope = nn.RoPE(hd, traditional=False, base=cfg.rope_theta)
 
     def __call__(self, x: mx.array, mask: Any = None, cache: Any = None) -> mx.array:
         B, L, _ = x.shape
@@ -55,9 +87,10 @@ class Attention(nn.Module):
         if "q_norm" in self:
             q, k = self.q_norm(q), self.k_norm(k)
         q, k, v = (t.transpose(0, 2, 1, 3) for t in (q, k, v))  # (B, H, L, hd)
-        offset = cache.offset if cache is not None else 0
-        q = self.rope(q, offset=offset)
-        k = self.rope(k, offset=offset)
+        if "rope" in self:
+            offset = cache.offset if cache is not None else 0
+            q = self.rope(q, offset=offset)
+            k = self.rope(k, offset=offset)
         if cache is not None:
             k, v = cache.update_and_fetch(k, v)
         # GQA: kv heads are broadcast over their query-head groups.
@@ -66,28 +99,39 @@ class Attention(nn.Module):
 
 
 class MLP(nn.Module):
-    """SwiGLU: down(silu(gate(x)) * up(x))."""
+    """Gated (swiglu, geglu): down(act(gate(x)) * up(x)); plain: down(act(up(x)))."""
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
-        self.gate_proj = nn.Linear(cfg.d_model, cfg.ffn_dim, bias=False)
+        if cfg.gated:
+            self.gate_proj = nn.Linear(cfg.d_model, cfg.ffn_dim, bias=False)
         self.up_proj = nn.Linear(cfg.d_model, cfg.ffn_dim, bias=False)
         self.down_proj = nn.Linear(cfg.ffn_dim, cfg.d_model, bias=False)
+        self.act = ACTIVATIONS[cfg.mlp]
 
     def __call__(self, x: mx.array) -> mx.array:
-        return self.down_proj(kernels.silu(self.gate_proj(x)) * self.up_proj(x))
+        if "gate_proj" in self:
+            return self.down_proj(self.act(self.gate_proj(x)) * self.up_proj(x))
+        return self.down_proj(self.act(self.up_proj(x)))
 
 
 class Block(nn.Module):
+    """Pre-norm: h = x + attn(norm1(x)), h + mlp(norm2(h)); post-norm: h =
+    norm1(x + attn(x)), norm2(h + mlp(h)) (norm1, norm2 keep Llama's names)."""
+
     def __init__(self, cfg: ModelConfig):
         super().__init__()
-        self.input_layernorm = nn.RMSNorm(cfg.d_model, eps=cfg.norm_eps)
+        self.input_layernorm = make_norm(cfg, cfg.d_model)
         self.self_attn = Attention(cfg)
-        self.post_attention_layernorm = nn.RMSNorm(cfg.d_model, eps=cfg.norm_eps)
+        self.post_attention_layernorm = make_norm(cfg, cfg.d_model)
         self.mlp = MLP(cfg)
         self.dropout = nn.Dropout(cfg.dropout)
+        self.post_norm = cfg.norm_position == "post"
 
     def __call__(self, x: mx.array, mask: Any = None, cache: Any = None) -> mx.array:
+        if self.post_norm:
+            h = self.input_layernorm(x + self.dropout(self.self_attn(x, mask, cache)))
+            return self.post_attention_layernorm(h + self.dropout(self.mlp(h)))
         h = x + self.dropout(self.self_attn(self.input_layernorm(x), mask, cache))
         return h + self.dropout(self.mlp(self.post_attention_layernorm(h)))
 
@@ -99,7 +143,8 @@ class Backbone(nn.Module):
         super().__init__()
         self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.d_model)
         self.layers = [Block(cfg) for _ in range(cfg.n_layers)]
-        self.norm = nn.RMSNorm(cfg.d_model, eps=cfg.norm_eps)
+        # post-norm blocks end normalized: no final norm (nor with norm none)
+        self.norm = make_norm(cfg, cfg.d_model) if cfg.final_norm else nn.Identity()
         self.dropout = nn.Dropout(cfg.dropout)
         self.checkpoint_blocks = cfg.gradient_checkpointing
 

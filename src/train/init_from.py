@@ -53,6 +53,10 @@ ARCH = {
     "norm_eps": "norm_eps",
     "qk_norm": "qk_norm",
     "tie_embeddings": "tie_embeddings",
+    "mlp": "mlp",
+    "norm": "norm",
+    "norm_position": "norm_position",
+    "position": "position",
 }
 FREE = ("context_length",)  # taken from the source when left out, else as given
 

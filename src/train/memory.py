@@ -19,7 +19,8 @@ def estimate_training_memory(
     p = cfg.num_params()
     L, d, f = cfg.context_length, cfg.d_model, cfg.ffn_dim
     kv = cfg.kv_heads * cfg.head_dim
-    per_token_layer = 8 * d + 2 * kv + 4 * f  # saved tensors per token per block
+    # saved tensors per token per block; a plain MLP saves up(x), act and its input
+    per_token_layer = 8 * d + 2 * kv + (4 if cfg.gated else 3) * f
     scores = cfg.n_heads * L * L * 2 if not cfg.gradient_checkpointing else 0
     acts = batch_size * (L * per_token_layer * cfg.n_layers + scores * cfg.n_layers)
     logits = 3 * batch_size * L * cfg.vocab_size  # logits, softmax, their gradient

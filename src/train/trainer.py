@@ -360,6 +360,7 @@ class Trainer:
                 e.temperature,
                 seed=self.cfg.training.seed,
                 eos_id=tok.eos_id,
+                n_vocab=tok.vocab_size,
             )
             return tok.decode(list(out))
         finally:
