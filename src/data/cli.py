@@ -34,8 +34,9 @@ from ..tokenizer.spm import EOS_ID
 from .documents import DEFAULT_MAX_REPETITION, DEFAULT_MIN_WORDS, QualityFilter
 from .download import download_tinystories
 from .interrupts import Interrupted, held, unwinding
+from .masks import is_mask_file
 from .prepare import prepare_dataset, split_token_file, token_stats
-from .tokens import DATASET_META, is_mask_file
+from .tokens import DATASET_META
 
 _fraction = cli.number_in(0.0, 1.0, lo_open=True, hi_open=True)
 _share = cli.number_in(0.0, 1.0)

@@ -58,13 +58,12 @@ from .documents import (
     is_val,
 )
 from .interrupts import held
+from .masks import MaskWriter, mask_name
 from .tokens import (
     DATASET_META,
     VERSION,
-    MaskWriter,
     TokenFileHeader,
     TokenWriter,
-    mask_name,
     open_tokens,
     read_header,
 )
