@@ -11,8 +11,9 @@ table header names the CPU.
 
 For each shape set ((a) a 12.6M-parameter Llama-style model, d 384, 6 layers, 6/2
 heads, context 256, vocab 8192; (b) the model and micro-batch of
-configs/model_config_small.yaml, timed with grad_accum 1) this times one full
-training step (forward, backward, clip, AdamW) of:
+configs/model_config_small.yaml, timed with grad_accum 1; `speedrun`, only when
+asked for, the same of configs/speedrun.yaml) this times one full training step
+(forward, backward, clip, AdamW) of:
   ours           our trainer's step (`src.train.assembly.assemble`, mx.compile), fp32
   ours_eager     the same step with compile=False
   ours_plain     the compiled step without the CPU levers: MLX's fused kernels
@@ -22,6 +23,10 @@ training step (forward, backward, clip, AdamW) of:
   torch_compile  the same with torch.compile(model) (skipped, with the reason, if
                  its warm-up fails or takes longer than --compile-timeout)
   mlx_lm         mlx_lm.models.llama.Model trained with our step (mx.compile)
+  ours_muon      our compiled step with training.optimizer=muon (Muon's
+                 Newton-Schulz on the block matrices, AdamW on the rest); only
+                 when asked for (`--impls ours ours_muon`): the report adds
+                 Muon's step time over AdamW's (ours_muon / ours)
 Every MLX implementation runs with the trainer's execution policy
 (`src.backend.policy`: a wide evaluation order on the CPU, step buffers kept by the
 allocator after a step); an
@@ -79,6 +84,7 @@ from src.errors import UsageError  # noqa: E402
 from src.files import atomic_file, check_writable  # noqa: E402
 
 IMPLS = ["ours", "ours_eager", "ours_plain", "torch", "torch_compile", "mlx_lm"]
+EXTRA_IMPLS = ["ours_muon"]  # run only when named in --impls
 SHAPE_A = dict(
     vocab_size=8192, d_model=384, n_layers=6, n_heads=6, n_kv_heads=2, d_ff=1024,
     context_length=256,
@@ -93,9 +99,14 @@ SHAPE_TINY = dict(
 
 def shape_sets() -> dict[str, tuple[str, dict]]:
     small = load_config(ROOT / "configs" / "model_config_small.yaml").to_dict()
+    speedrun = load_config(ROOT / "configs" / "speedrun.yaml").to_dict()
     return {
         "a": ("12.6M Llama-style model", {"model": SHAPE_A, "training": {}}),
         "b": ("model_config_small", {k: small[k] for k in ("model", "training")}),
+        "speedrun": (
+            "configs/speedrun.yaml",
+            {k: speedrun[k] for k in ("model", "training")},
+        ),
         "tiny": (
             "tiny smoke test",
             {"model": SHAPE_TINY, "training": {"batch_size": 4}},
@@ -135,6 +146,8 @@ def mlx_worker(impl: str, cfg, init: str):
 
         kernels.set_kernel_set("fused")
         cfg.training.streams = 1
+    elif impl == "ours_muon":
+        cfg.training.optimizer = "muon"
     base = rss()
     parts = assemble(cfg, model=model, compile=impl != "ours_eager")
     model, opt, step = parts.model, parts.optimizer, parts.train_step
@@ -701,6 +714,8 @@ def bench_shape(spec: dict, impls: list[str], args, tmp: Path) -> dict:
     res["results"] = rows
     tok = lambda k: rows.get(k, {}).get("tok_s", math.nan)  # noqa: E731
     res["ratios"] = {f"ours/{k}": tok("ours") / tok(k) for k in IMPLS[2:]}
+    if "tok_s" in rows.get("ours_muon", {}):  # a cost: step time over AdamW's
+        res["muon_step_ratio"] = tok("ours") / tok("ours_muon")
     return res
 
 
@@ -781,7 +796,14 @@ def table(name: str, desc: str, res: dict, machine: dict) -> str:
             f"| {r['loss1']:.4f} | {r['warmup_s']:.0f} s |"
         )
     ratios = ", ".join(f"{k} **{v:.2f}×**" for k, v in res["ratios"].items())
-    return "\n".join(lines + ["", f"Ratios (tokens/s): {ratios}", ""])
+    lines += ["", f"Ratios (tokens/s): {ratios}", ""]
+    if "muon_step_ratio" in res:
+        lines += [
+            "Muon's step over AdamW's (step time, ours_muon / ours): "
+            f"**{res['muon_step_ratio']:.2f}×**",
+            "",
+        ]
+    return "\n".join(lines)
 
 
 BREAKDOWN_IMPLS = ["ours", "ours_plain", "torch"]
@@ -797,10 +819,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="time the step's components instead (GEMMs, attention, "
                    "elementwise, cross-entropy, optimizer) for ours and torch")  # fmt: skip
     p.add_argument("--out", default="out/benchmark", help="writes OUT.json, OUT.md")
-    p.add_argument("--shapes", nargs="+", choices=["a", "b", "tiny"],
-                   help="shape sets (default a b; --quick: a; tiny: a smoke test)")  # fmt: skip
-    p.add_argument("--impls", nargs="+", choices=IMPLS,
-                   help="implementations (default all; --breakdown: ours torch)")  # fmt: skip
+    p.add_argument("--shapes", nargs="+", choices=["a", "b", "speedrun", "tiny"],
+                   help="shape sets (default a b; --quick: a; speedrun: "
+                   "configs/speedrun.yaml; tiny: a smoke test)")  # fmt: skip
+    p.add_argument("--impls", nargs="+", choices=IMPLS + EXTRA_IMPLS,
+                   help="implementations (default all but ours_muon; --breakdown: "
+                   "ours torch)")  # fmt: skip
     count = cli.int_in(1, 10_000)
     p.add_argument("--rounds", type=count, help="timed rounds (default 5; quick 3)")
     p.add_argument("--steps", type=count, default=1, help="timed steps per turn")

@@ -25,11 +25,15 @@ import yaml
 
 from .errors import ConfigError, utf8_problem
 
-OPTIMIZERS = ("adamw",)  # training.optimizer: the classes are in src/train/optim.py
+OPTIMIZERS = (
+    "adamw",
+    "muon",
+)  # training.optimizer: the classes are in src/train/optim.py
 PRECISIONS = ("auto", "fp32", "bf16")  # training.precision (src/backend/policy.py)
 REPORTERS = ("tensorboard", "wandb")  # logging.report_to (src/train/reporters.py)
 LOSS_ON = ("auto", "all", "assistant")
 SCHEDULES = ("cosine", "wsd")  # training.schedule (src/train/schedule.py)
+KERNEL_SETS = ("auto", "portable", "fused")  # training.kernels (src/backend/kernels.py)
 
 MAX_COUNT = 2**31 - 1  # steps, sizes and intervals reach MLX as int32 arrays
 MAX_SEED = 2**63 - 1  # mx.random.seed and numpy take it (src/train/step.py)
@@ -105,6 +109,20 @@ MLPS = (*GATED_MLPS, "silu", "gelu", "relu2")
 NORMS = ("rmsnorm", "layernorm", "none")
 NORM_POSITIONS = ("pre", "post")
 POSITIONS = ("rope", "none")
+MATFORMER_LOSSES = ("sample", "sum")  # training.matformer_loss (src/model/matformer.py)
+
+
+def _fractions(v: list[float]) -> str | None:
+    """model.matformer_widths: increasing fractions in (0, 1] ending with 1.0."""
+    if not v:
+        return None
+    if any(not math.isfinite(f) or not 0 < f <= 1 for f in v):
+        return "every width must be a fraction in (0, 1]"
+    if any(b <= a for a, b in zip(v, v[1:])) or v[-1] != 1.0:
+        return (
+            "must be increasing and end with 1.0 (the whole FFN), e.g. [0.25, 0.5, 1.0]"
+        )
+    return None
 
 
 @dataclass
@@ -133,6 +151,18 @@ class ModelConfig:
     norm: str = choice("rmsnorm", NORMS)
     norm_position: str = choice("pre", NORM_POSITIONS)
     position: str = choice("rope", POSITIONS)  # none: no positional encoding (NoPE)
+    # > 0: local layers attend to the last `sliding_window` positions only (their
+    # own included); every global_every-th layer and the last one attend to all
+    sliding_window: int = num(0, ge=1, le=2**20, off=0)
+    global_every: int = num(4, ge=1, le=1024)  # 1: every layer global
+    # > 0: each FFN is `moe_experts` experts (each of the width above), top-k routed
+    moe_experts: int = num(0, ge=2, le=256, off=0)
+    moe_top_k: int = num(2, ge=1, le=256)
+    # MatFormer: the FFN's first f * ffn_dim neurons form a usable smaller FFN for
+    # each fraction f listed (training covers them all); [] = off
+    matformer_widths: list[float] = field(
+        default_factory=list, metadata={"check": _fractions}
+    )
 
     @property
     def gated(self) -> bool:
@@ -142,6 +172,13 @@ class ModelConfig:
     def final_norm(self) -> bool:
         """Whether the backbone ends with a norm (pre-norm blocks only)."""
         return self.norm != "none" and self.norm_position == "pre"
+
+    def layer_window(self, i: int) -> int | None:
+        """Layer i's attention window (None: global attention)."""
+        if not self.sliding_window:
+            return None
+        last = i == self.n_layers - 1
+        return None if last or (i + 1) % self.global_every == 0 else self.sliding_window
 
     @property
     def kv_heads(self) -> int:
@@ -164,6 +201,8 @@ class ModelConfig:
         d, hd = self.d_model, self.head_dim
         attn = d * hd * (self.n_heads + 2 * self.kv_heads) + self.n_heads * hd * d
         mlp = (3 if self.gated else 2) * d * self.ffn_dim
+        if self.moe_experts:  # the experts and the router
+            mlp = self.moe_experts * mlp + d * self.moe_experts
         norms = (2 * d if self.norm != "none" else 0) + (2 * hd if self.qk_norm else 0)
         embed = self.vocab_size * d * (1 if self.tie_embeddings else 2)
         final = d if self.final_norm else 0
@@ -187,6 +226,14 @@ class TrainingConfig:
     # > 0: max_steps = what fits (src/train/budget.py); 1e5 minutes is ~70 days
     time_budget_minutes: float = num(0.0, ge=0, le=1e5)
     optimizer: str = choice("adamw", OPTIMIZERS)  # src/train/optim.py
+    # muon: the block matrices' optimizer (the rest keeps AdamW at learning_rate)
+    muon_learning_rate: float = num(0.02, gt=0, le=10)
+    muon_momentum: float = num(0.95, ge=0, lt=1)
+    muon_weight_decay: float = num(0.0, ge=0, le=1)
+    # mixture of experts: weight of the load-balancing loss added to the loss
+    moe_aux_loss: float = num(0.01, ge=0, le=100)
+    # MatFormer: one width per step (sample) or every width's loss summed (sum)
+    matformer_loss: str = choice("sample", MATFORMER_LOSSES)
     learning_rate: float = num(3e-4, gt=0, le=1)
     # after the warm-up: cosine decay, or warmup-stable-decay (src/train/schedule.py)
     schedule: str = choice("cosine", SCHEDULES)
@@ -207,6 +254,9 @@ class TrainingConfig:
     compile: bool = True
     # streams a micro-batch is split across; 0 = auto (src/backend/policy.py)
     streams: int = num(0, ge=0, le=16)
+    # the CPU backend's kernels: auto = measured at start (src/train/autotune.py)
+    kernels: str = choice("auto", KERNEL_SETS)
+    autotune: bool = True  # auto settings above: measured (cached), not assumed
     # a new run from these weights (our checkpoint or a Hugging Face folder): step 0,
     # fresh optimizer and schedule, the source's architecture and tokenizer
     init_from: str | None = None
@@ -421,6 +471,32 @@ def validate(cfg: Config) -> Config:
         m.norm_position,
         "has no effect with model.norm=none (leave it at pre)",
     )
+    _require(
+        m.sliding_window < m.context_length,
+        "model.sliding_window",
+        m.sliding_window,
+        f"must be below model.context_length={m.context_length} (a window that "
+        "covers the context is global attention: use 0)",
+    )
+    _require(
+        not m.moe_experts or m.moe_top_k <= m.moe_experts,
+        "model.moe_top_k",
+        m.moe_top_k,
+        f"must be at most model.moe_experts={m.moe_experts}",
+    )
+    _require(
+        not (m.moe_experts and m.matformer_widths),
+        "model.matformer_widths",
+        m.matformer_widths,
+        "cannot be combined with model.moe_experts (choose one)",
+    )
+    for f in m.matformer_widths:
+        _require(
+            round(f * m.ffn_dim) >= 1,
+            "model.matformer_widths",
+            m.matformer_widths,
+            f"{f:g} of ffn_dim={m.ffn_dim} is no neuron",
+        )
     return cfg
 
 

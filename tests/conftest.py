@@ -1,4 +1,5 @@
 """Shared fixtures: tiny configs, a corpus, a tokenizer, token files, a trainer.
+Training runs here do not measure their execution policy (SLM_AUTOTUNE=off).
 
 Importing `src` first loads the optimized BLAS before any test module imports
 mlx.core (see src/backend/blas.py).
@@ -8,6 +9,7 @@ synthetic one of the same form (stories separated by `<|endoftext|>` lines, made
 here from a fixed seed), so the suite runs, rather than skips, without it.
 """
 
+import os
 import random
 import warnings
 from pathlib import Path
@@ -15,6 +17,10 @@ from pathlib import Path
 import pytest
 
 import src  # noqa: F401  (must precede every mlx import)
+
+# Runs in tests keep the default execution policy instead of measuring one at
+# start (and never write ~/.cache); tests/test_autotune.py turns it back on.
+os.environ["SLM_AUTOTUNE"] = "off"
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED_DATA = ROOT.parent / "shared" / "data"

@@ -505,6 +505,7 @@ MODEL_OPTIONS = {
     "post": {"norm_position": "post"},
     "post-layernorm": {"norm": "layernorm", "norm_position": "post"},
     "nope": {"position": "none"},
+    "local-global": {"sliding_window": 8, "global_every": 2},
 }
 
 

@@ -29,3 +29,25 @@ def test_every_fault_row_names_tests_that_exist():
         assert named, f"a fault row without a test: {row[:80]}"
         missing = [n for n in named if n not in known]
         assert not missing, f"{row.split('|')[1].strip()}: no such test {missing}"
+
+
+def test_readme_configs_table_matches_the_configs():
+    """Every configs/*.yaml has a row in the README's table, and the row's numbers
+    (parameters, d / layers / heads (kv), context, vocab) are the config's."""
+    from src.config import load_config
+
+    text = (ROOT / "README.md").read_text(encoding="utf-8")
+    rows = re.findall(r"^\| `configs/([\w-]+)\.yaml` \| (.+) \|$", text, re.M)
+    assert rows, "the README lost its configs table"
+    seen = set()
+    for name, rest in rows:
+        cells = [c.strip() for c in rest.split("|")]
+        m = load_config(ROOT / "configs" / f"{name}.yaml").model
+        kv = f" ({m.kv_heads})" if m.kv_heads != m.n_heads else ""
+        shape = f"{m.d_model} / {m.n_layers} / {m.n_heads}{kv}"
+        want = [f"{m.num_params() / 1e6:.1f}M", shape, str(m.context_length),
+                str(m.vocab_size)]  # fmt: skip
+        assert cells[:4] == want, f"configs/{name}.yaml: README says {cells[:4]}"
+        seen.add(name)
+    presets = {p.stem for p in (ROOT / "configs").glob("*.yaml")}
+    assert presets <= seen, f"configs without a README row: {sorted(presets - seen)}"

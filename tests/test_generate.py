@@ -256,6 +256,8 @@ MODEL_OPTIONS = {  # model.mlp / norm / norm_position / position off their defau
     "no-norm": {"norm": "none"},
     "post": {"norm_position": "post"},
     "nope": {"position": "none"},
+    "local-global": {"sliding_window": 4, "global_every": 2},
+    "all-local": {"sliding_window": 3, "global_every": 5, "n_layers": 3},
     "all": {
         "mlp": "gelu",
         "norm": "layernorm",

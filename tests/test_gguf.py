@@ -368,6 +368,20 @@ def test_refuses_a_setting_llama_cpp_cannot_compute(source, monkeypatch):
         gguf_export.check_exportable(ck)
 
 
+@pytest.mark.parametrize(
+    "key, value", [("sliding_window", 8), ("moe_experts", 4)], ids=["local", "moe"]
+)
+def test_refuses_local_attention_and_experts(source, monkeypatch, key, value):
+    from src.checkpoint.contents import open_checkpoint
+
+    ck = open_checkpoint(source[1])
+    cfg = config_from_dict(ckpt.read_meta(source[1])["config"])
+    setattr(cfg.model, key, value)
+    monkeypatch.setattr(ck, "config", cfg)
+    with pytest.raises(ConvertError, match=f"model.{key}={value}: .*llama.cpp"):
+        gguf_export.check_exportable(ck)
+
+
 def test_without_gguf_installed_names_the_extra(source, tmp_path, monkeypatch, capsys):
     monkeypatch.setitem(sys.modules, "gguf", None)  # `import gguf` fails
     out = tmp_path / "m.gguf"

@@ -35,6 +35,7 @@ OPTIONS = {
     "post": {"norm_position": "post"},
     "post-layernorm": {"norm": "layernorm", "norm_position": "post"},
     "nope": {"position": "none"},
+    "local-global": {"sliding_window": 4, "global_every": 2},
     "all": {
         "mlp": "relu2",
         "norm": "layernorm",
@@ -84,7 +85,7 @@ def test_each_option_changes_the_computation(tiny_config):
     mx.random.seed(0)
     base = Model(tiny_config().model)
     want = base(tokens)
-    for key in ("geglu", "layernorm", "no-norm", "post", "nope"):
+    for key in ("geglu", "layernorm", "no-norm", "post", "nope", "local-global"):
         other = Model(tiny_config(**OPTIONS[key]).model)
         other.update(base.parameters(), strict=False)
         got = other(tokens)
@@ -191,6 +192,7 @@ def test_odd_head_dim_is_fine_without_rope(tiny_config):
 STEP_OPTIONS = {  # between them, every option value but the plain silu and gelu
     "geglu-nope-no-norm": {"mlp": "geglu", "position": "none", "norm": "none"},
     "relu2-post-layernorm": OPTIONS["post-layernorm"] | {"mlp": "relu2"},
+    "local-global": OPTIONS["local-global"],
 }
 
 

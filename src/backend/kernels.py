@@ -37,12 +37,17 @@ def kernel_set() -> str:
     """'fused' or 'portable' (decided at first use, see the module docstring)."""
     global _choice
     if _choice is None:
-        forced = os.environ.get(ENV_VAR, "").strip().lower()
-        if forced in ("fused", "portable"):
-            _choice = forced
-        else:
-            _choice = "fused" if policy.on_gpu() else "portable"
+        _choice = default_set()
     return _choice
+
+
+def default_set() -> str:
+    """The set SLM_KERNELS forces, else the policy's: fused on GPUs, portable on
+    the CPU backend (`src.train.autotune` may measure a better one for a run)."""
+    forced = os.environ.get(ENV_VAR, "").strip().lower()
+    if forced in ("fused", "portable"):
+        return forced
+    return "fused" if policy.on_gpu() else "portable"
 
 
 def set_kernel_set(name: str | None) -> None:
@@ -87,24 +92,37 @@ def cross_entropy(
 
 
 def attention(
-    q: mx.array, k: mx.array, v: mx.array, scale: float, mask: Any = None
+    q: mx.array,
+    k: mx.array,
+    v: mx.array,
+    scale: float,
+    mask: Any = None,
+    window: int | None = None,
 ) -> mx.array:
     """Softmax attention of q (B, H, L, hd) over k, v (B, KV, T, hd), H a multiple
     of KV (grouped-query). mask: None, "causal" (aligned to the end of the keys, so
     new tokens see a whole cached prefix), a bool keep-mask or an additive array.
+    `window` W says the mask lets query i (of the last L keys' positions) see no
+    key before i - W + 1: a hint for skipping work; the mask decides.
 
     Portable causal attention over more than `CAUSAL_BLOCK` queries runs block by
-    block of queries, each over the keys up to its last row only: the masked upper
-    triangle is mostly never computed."""
+    block of queries, each over the keys up to its last row only (and from its
+    first row's window start): the masked parts are mostly never computed, so a
+    local layer costs O(L * (W + CAUSAL_BLOCK)), not O(L^2)."""
     if kernel_set() == "fused":
         return mx.fast.scaled_dot_product_attention(q, k, v, scale=scale, mask=mask)
     L, T = q.shape[2], k.shape[2]
-    if isinstance(mask, str) and L > CAUSAL_BLOCK:
+    causal = isinstance(mask, str) or (mask is not None and mask.shape[-2] == L > 1)
+    if causal and L > CAUSAL_BLOCK:
         outs = []
         for start in range(0, L, CAUSAL_BLOCK):
-            end = T - L + min(start + CAUSAL_BLOCK, L)  # the block's last key
-            qs = q[:, :, start : start + CAUSAL_BLOCK]
-            outs.append(_attention(qs, k[:, :, :end], v[:, :, :end], scale, mask))
+            stop = min(start + CAUSAL_BLOCK, L)
+            end = T - L + stop  # one past the block's last key
+            first = 0 if window is None else max(0, T - L + start - window + 1)
+            qs = q[:, :, start:stop]
+            part = mask if isinstance(mask, str) else mask[..., start:stop, first:end]
+            ks, vs = k[:, :, first:end], v[:, :, first:end]
+            outs.append(_attention(qs, ks, vs, scale, part))
         return mx.concatenate(outs, axis=2)
     return _attention(q, k, v, scale, mask)
 

@@ -56,18 +56,30 @@ def compute_dtype(precision: str) -> mx.Dtype:
     return DTYPES[precision]
 
 
+def _cores(world: int) -> int:
+    return max(1, (os.cpu_count() or 1) // world)
+
+
+def stream_count(n: int = 0, world: int = 1) -> int:
+    """How many streams `streams(n, world)` gives: n, or for 0 one per core left
+    to each of `world` processes on the CPU backend (at most MAX_AUTO_STREAMS)
+    and one on GPUs."""
+    if n:
+        return n
+    if mx.default_device().type == mx.DeviceType.cpu:
+        return min(MAX_AUTO_STREAMS, _cores(world))
+    return 1
+
+
 def streams(n: int = 0, world: int = 1) -> list[mx.Stream]:
     """The streams a micro-batch is split across (`training.streams`; 0 = auto:
     one per core left to each of `world` processes on the CPU backend, at most
     MAX_AUTO_STREAMS, and one on GPUs). Several CPU streams get a BLAS of
     cores / n threads each. Streams are created once per process and reused."""
     device = mx.default_device()
-    if device.type == mx.DeviceType.cpu:
-        cores = max(1, (os.cpu_count() or 1) // world)
-        n = n or min(MAX_AUTO_STREAMS, cores)
-        if n > 1:
-            blas.set_threads(max(1, cores // n))
-    n = n or 1
+    n = stream_count(n, world)
+    if device.type == mx.DeviceType.cpu and n > 1:
+        blas.set_threads(max(1, _cores(world) // n))
     while len(_STREAMS) < n - 1:
         _STREAMS.append(mx.new_stream(device))
     return [mx.default_stream(device), *_STREAMS[: n - 1]]

@@ -1,7 +1,9 @@
-"""A Hugging Face model folder read as a model: config.json (a Llama or Qwen3)
-mapped to our ModelConfig, and *.safetensors to fp32 weights under our names,
-which are Hugging Face Llama's (`model.layers.0.self_attn.q_proj.weight`, ...), so
-the weights need no renaming. `read_header` reads config.json alone (what a run
+"""A Hugging Face model folder read as a model: config.json (a Llama or Qwen3,
+or their mixtures of experts Mixtral and Qwen3-MoE) mapped to our ModelConfig,
+and *.safetensors to fp32 weights under our names, which are Hugging Face
+Llama's (`model.layers.0.self_attn.q_proj.weight`, ...), so the weights need no
+renaming but for the experts: one tensor per expert there, stacked here
+(`stack_experts`, the inverse of `src.convert.hf.hf_weights`). `read_header` reads config.json alone (what a run
 started from the folder takes: `src.train --init-from`). `read_model` is what `python -m src.convert --from
 hf` imports and what `--checkpoint HF_FOLDER` (inference, evaluation) reads in
 memory (`src.checkpoint.contents.open_hf_folder`).
@@ -30,7 +32,15 @@ from ..model.transformer import Model
 STASH = "mlx_slm_trainer"
 ARCH = ("vocab_size", "d_model", "n_layers", "n_heads", "kv_heads", "ffn_dim")
 ARCH += ("context_length", "rope_theta", "norm_eps", "qk_norm", "tie_embeddings")
-ARCH += ("mlp",)
+ARCH += ("mlp", "moe_experts", "moe_top_k")
+# model_type -> (QK-norm, config.json's expert count key, its expert width key,
+# the MoE block's name in the weights); mixtral's w1/w3/w2 are gate/up/down
+MOE_TYPES = {
+    "mixtral": (False, "num_local_experts", "intermediate_size", "block_sparse_moe"),
+    "qwen3_moe": (True, "num_experts", "moe_intermediate_size", "mlp"),
+}
+EXPERT_NAMES = {"w1": "gate_proj", "w3": "up_proj", "w2": "down_proj"}
+MAX_EXPERTS = 256  # model.moe_experts' bound
 # config.json's hidden_act -> model.mlp (Llama's MLP is gated: act(gate(x)) * up(x));
 # "gelu" is the exact GELU in transformers, as ours
 MLP_OF_ACT = {"silu": "swiglu", "gelu": "geglu"}
@@ -41,14 +51,14 @@ MLP_OF_ACT = {"silu": "swiglu", "gelu": "geglu"}
 MAX_WIDTH, MAX_VOCAB, MAX_LAYERS, MAX_CONTEXT = 1 << 17, 1 << 22, 1 << 10, 1 << 22
 
 
-def _int(c: dict, key: str, hi: int, default=None) -> int:
-    """config.json's integer `key` in [1, hi] (`default` when absent or null)."""
+def _int(c: dict, key: str, hi: int, default=None, low: int = 1) -> int:
+    """config.json's integer `key` in [low, hi] (`default` when absent or null)."""
     v = c.get(key)
     if v is None and default is not None:
         return default
-    if isinstance(v, bool) or not isinstance(v, int) or not 1 <= v <= hi:
+    if isinstance(v, bool) or not isinstance(v, int) or not low <= v <= hi:
         got = f"{key}={v!r}" if key in c else f"no {key}"
-        raise ConvertError(f"{got}: expected an integer in [1, {hi}]")
+        raise ConvertError(f"{got}: expected an integer in [{low}, {hi}]")
     return v
 
 
@@ -80,14 +90,44 @@ def _object(c: dict, key: str) -> dict:
     return v or {}
 
 
+def _windows(c: dict, n_layers: int, problems: list[str]) -> tuple[int, int]:
+    """(sliding_window, global_every) of a Qwen3 config.json with sliding windows:
+    its layer types (given, or transformers' default from max_window_layers) must
+    be our pattern, every K-th layer and the last global, for some K; else a
+    problem is added."""
+    w = _int(c, "sliding_window", MAX_CONTEXT)
+    types = c.get("layer_types")
+    if types is None:  # transformers: sliding from layer max_window_layers on
+        first = _int(c, "max_window_layers", MAX_LAYERS, default=n_layers, low=0)
+        types = ["sliding_attention" if i >= first else "full_attention"
+                 for i in range(n_layers)]  # fmt: skip
+    if not isinstance(types, list) or len(types) != n_layers:
+        problems.append(f"layer_types={types!r}: expected one per layer")
+        return 0, 4
+    local = [t == "sliding_attention" for t in types]
+    if not any(local):
+        return 0, 4
+    for k in range(1, n_layers + 1):
+        cfg = ModelConfig(n_layers=n_layers, sliding_window=w, global_every=k)
+        if [cfg.layer_window(i) is not None for i in range(n_layers)] == local:
+            return w, k
+    problems.append(
+        f"layer_types={types!r} (we need every K-th layer and the last one global)"
+    )
+    return 0, 4
+
+
 def model_config_from_hf(c: dict) -> ModelConfig:
     """Our ModelConfig for a Llama/Qwen3 config.json; ConvertError naming the key
     for a missing, mistyped or absurd value, or when we cannot run that model
-    exactly (biases, RoPE scaling, other activations, sliding windows).
+    exactly (biases, RoPE scaling, other activations, sliding windows other than
+    Qwen3's in our pattern).
     hidden_act silu is model.mlp swiglu, gelu (exact) geglu."""
     kind = c.get("model_type")
-    if kind not in ("llama", "qwen3"):
-        raise ConvertError(f"model_type {kind!r} is not supported (llama, qwen3)")
+    if kind not in ("llama", "qwen3", *MOE_TYPES):
+        raise ConvertError(
+            f"model_type {kind!r} is not supported (llama, qwen3, mixtral, qwen3_moe)"
+        )
     rope, scaling = _object(c, "rope_parameters"), _object(c, "rope_scaling")
     problems = [
         f"{k}=true" for k in ("attention_bias", "mlp_bias") if _flag(c, k, False)
@@ -98,8 +138,22 @@ def model_config_from_hf(c: dict) -> ModelConfig:
     for r in (rope, scaling):
         if r.get("rope_type", r.get("type", "default")) != "default":
             problems.append(f"RoPE scaling {r.get('rope_type', r.get('type'))!r}")
+    windows = (0, 4)  # (model.sliding_window, model.global_every): all global
     if _flag(c, "use_sliding_window", False):
-        problems.append("use_sliding_window=true")
+        if kind == "qwen3":
+            windows = _windows(c, _int(c, "num_hidden_layers", MAX_LAYERS), problems)
+        else:
+            problems.append("use_sliding_window=true")
+    if kind == "mixtral" and c.get("sliding_window") is not None:
+        problems.append(f"sliding_window={c['sliding_window']!r}")
+    if kind == "qwen3_moe":
+        if not _flag(c, "norm_topk_prob", False):  # transformers' default: false
+            problems.append("norm_topk_prob=false (we renormalise the top-k weights)")
+        if c.get("decoder_sparse_step", 1) != 1 or c.get("mlp_only_layers"):
+            problems.append("dense layers among the experts (decoder_sparse_step, "
+                            "mlp_only_layers)")  # fmt: skip
+    if kind in MOE_TYPES and act != "silu":
+        problems.append(f"hidden_act={act!r} for experts (need silu)")
     width = _int(c, "hidden_size", MAX_WIDTH)
     heads = _int(c, "num_attention_heads", width)
     if c.get("head_dim") not in (None, width // heads):
@@ -120,7 +174,14 @@ def model_config_from_hf(c: dict) -> ModelConfig:
         qk_norm=kind == "qwen3",
         tie_embeddings=_flag(c, "tie_word_embeddings", False),
         mlp=MLP_OF_ACT[act],
+        sliding_window=windows[0],
+        global_every=windows[1],
     )
+    if kind in MOE_TYPES:
+        m.qk_norm, experts, width, _ = MOE_TYPES[kind]
+        m.moe_experts = _int(c, experts, MAX_EXPERTS)
+        m.moe_top_k = _int(c, "num_experts_per_tok", m.moe_experts)
+        m.d_ff = _int(c, width, 16 * MAX_WIDTH)
     if m.d_ff == ModelConfig(d_model=m.d_model, mlp=m.mlp).ffn_dim:
         m.d_ff = None  # the default width: keep the config as a run would write it
     return m
@@ -165,7 +226,10 @@ def our_config(c: dict, path: Path, run_name: str) -> tuple[Config, int]:
         raise ConvertError(f"{path}: {STASH}.config: {e}") from None
     if isinstance(step, bool) or not isinstance(step, int) or step < 0:
         raise ConvertError(f"{path}: {STASH}.step={step!r}: expected an integer >= 0")
-    if all(getattr(ours.model, k) == getattr(model_cfg, k) for k in ARCH):
+    if all(getattr(ours.model, k) == getattr(model_cfg, k) for k in ARCH) and all(
+        ours.model.layer_window(i) == model_cfg.layer_window(i)
+        for i in range(model_cfg.n_layers)
+    ):
         return ours, step
     return cfg, 0
 
@@ -194,11 +258,40 @@ def load_weights(folder: Path, cfg: Config) -> dict[str, mx.array]:
             weights[k] = v
     if cfg.model.tie_embeddings:
         weights.pop("lm_head.weight", None)
+    if cfg.model.moe_experts:
+        weights = stack_experts(weights, cfg.model, folder)
     try:  # names and shapes against our model (its random init stays lazy)
         Model(cfg.model).load_weights(list(weights.items()), strict=True)
     except ValueError as e:
         raise ConvertError(f"{folder}: weights do not match config.json: {e}") from None
     return weights
+
+
+def stack_experts(
+    weights: dict[str, mx.array], m: ModelConfig, folder: Path
+) -> dict[str, mx.array]:
+    """A Mixtral / Qwen3-MoE folder's weights under our names: each layer's
+    per-expert tensors stacked into `mlp.experts.X.weight` (E, out, in), the
+    router `mlp.gate.weight`. ConvertError naming a missing expert tensor."""
+    block = MOE_TYPES["qwen3_moe" if m.qk_norm else "mixtral"][3]
+    out, experts = {}, {}
+    for key, w in weights.items():
+        head, sep, tail = key.partition(f".{block}.experts.")
+        if not sep:
+            out[key.replace(f".{block}.gate.", ".mlp.gate.")] = w
+            continue
+        e, _, name = tail.partition(".")  # "3", "w1.weight"
+        proj = EXPERT_NAMES.get(name.split(".")[0], name.split(".")[0])
+        experts.setdefault(f"{head}.mlp.experts.{proj}.weight", {})[e] = w
+    for key, parts in experts.items():
+        want = [str(e) for e in range(m.moe_experts)]
+        if sorted(parts, key=lambda e: (len(e), e)) != want:
+            raise ConvertError(
+                f"{folder}: {key} needs experts 0..{m.moe_experts - 1}, "
+                f"found {sorted(parts, key=lambda e: (len(e), e))}"
+            )
+        out[key] = mx.stack([parts[e] for e in want])
+    return out
 
 
 def read_header(folder: str | Path, run_name: str | None = None) -> tuple[Config, int]:

@@ -219,12 +219,31 @@ def _or_not(v, fmt: str) -> str:
     return NOT_RECORDED if v is None else format(v, fmt)
 
 
-def model_card(ck: Checkpoint, folder: str, dtype: str) -> str:
-    """README.md of a `--to hf` folder (`folder`: how to name it in the code)."""
+def model_card(
+    ck: Checkpoint, folder: str, dtype: str, config: dict | None = None
+) -> str:
+    """README.md of a `--to hf` folder (`folder`: how to name it in the code;
+    `config`: its config.json, for the model type)."""
     cfg, m = ck.config, ck.config.model
     facts = training_facts(ck)
     arch = "qwen3" if m.qk_norm else "llama"
     cls = "Qwen3ForCausalLM" if m.qk_norm else "LlamaForCausalLM"
+    if config:
+        arch, cls = config["model_type"], config["architectures"][0]
+    options = []
+    if m.moe_experts:
+        options.append(
+            _row("experts", f"{m.moe_experts} per layer, top-{m.moe_top_k} routed")
+        )
+    if m.sliding_window:
+        local = sum(m.layer_window(i) is not None for i in range(m.n_layers))
+        options.append(
+            _row(
+                "sliding window",
+                f"{m.sliding_window} tokens in {local} of "
+                f"{m.n_layers} layers (`layer_types`)",
+            )  # fmt: skip
+        )
     front = ["---", "library_name: transformers", "pipeline_tag: text-generation"]
     front += ["tags:", "- mlx-slm-trainer", f"- {arch}", "- mlx", "- safetensors"]
     if facts.chat:
@@ -260,6 +279,7 @@ def model_card(ck: Checkpoint, folder: str, dtype: str) -> str:
         _row("RMSNorm eps", f"{m.norm_eps:g}"),
         _row("QK-norm", "yes" if m.qk_norm else "no"),
         _row("tied embeddings", "yes" if m.tie_embeddings else "no"),
+        *options,
         "",
         "## Training",
         "",

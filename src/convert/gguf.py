@@ -105,6 +105,17 @@ def check_exportable(ck: Checkpoint) -> Tokenizer:
             "compute SwiGLU only; refusing to export a model that would compute "
             f"differently ({other} exports it)"
         )
+    m = cfg.model
+    for key, value in [
+        ("sliding_window", m.sliding_window),
+        ("moe_experts", m.moe_experts),
+    ]:
+        if value:
+            raise ConvertError(
+                f"model.{key}={value}: this exporter writes llama.cpp's dense llama "
+                "and qwen3 architectures only; refusing to export a model that would "
+                "compute differently (--to hf or --to torch exports it)"
+            )
     hf_config(cfg, "fp32", None)  # settings no Llama/Qwen3 expresses are refused
     tok_dir = ck.tokenizer_dir
     if not (tok_dir / MODEL_FILE).is_file():

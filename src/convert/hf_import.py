@@ -1,4 +1,4 @@
-"""`--from hf`: a Hugging Face Llama/Qwen3 folder (config.json, *.safetensors,
+"""`--from hf`: a Hugging Face Llama/Qwen3 folder (or Mixtral/Qwen3-MoE; config.json, *.safetensors,
 and its tokenizer: our tokenizer.model, else a Hugging Face tokenizer.json)
 becomes a checkpoint of a new run folder. Reading the folder is
 `src.checkpoint.hf_folder`'s (inference and eval read one in memory too).

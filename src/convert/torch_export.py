@@ -3,6 +3,10 @@ torch --out model.pt` writes {"state_dict", "config", "meta"}, which
 `src.convert.torch_model.load` loads strictly into the reference model. Imports
 torch (lazily: only this export needs it).
 
+`--ffn-fraction F` (a MatFormer model, `model.matformer_widths`) exports one of
+its trained FFN widths as a plain, smaller model (`at_width`): d_ff = its
+neurons, gate/up rows and down columns cut to them, no MatFormer widths.
+
 The file is new: an existing --out is refused before anything is converted, and
 it is written under a temporary name and renamed into place, so a failure (or
 Ctrl-C) leaves nothing behind.
@@ -10,18 +14,49 @@ Ctrl-C) leaves nothing behind.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from pathlib import Path
 
-from ..checkpoint.contents import open_checkpoint
+from ..checkpoint.contents import Checkpoint, open_checkpoint
 from ..errors import ConvertError
 from ..files import atomic_file, check_writable, write_failure
+from ..model import matformer
 from .hf import HF_DTYPE_NAMES
 
+# meta.json numbers of the whole model that are not the exported width's
+WHOLE_MODEL_ONLY = ("val_loss", "best_val_loss")
 
-def to_torch(path, out, dtype: str = "fp32") -> Path:
+
+def at_width(ck: Checkpoint, fraction: float) -> Checkpoint:
+    """The checkpoint of one trained MatFormer FFN width of `ck` (ConfigError
+    if it has none there, `matformer.check_fraction`), as a plain model: config
+    d_ff = its neurons and no matformer_widths, FFN weights cut to them, no
+    optimizer state, meta with `matformer_width`: {fraction, of_ffn_dim}. Below
+    1.0 the run_name says the width (`<run>-ffn0.25`) and the meta loses the
+    whole model's validation loss."""
+    m = ck.config.model
+    fraction = matformer.check_fraction(m, fraction, str(ck.path))
+    if fraction == 1.0:  # the whole model: its run and validation are this one's
+        cfg = dataclasses.replace(
+            ck.config, model=dataclasses.replace(m, matformer_widths=[])
+        )
+        meta = dict(ck.meta)
+    else:
+        cfg = matformer.sub_width_config(ck.config, fraction)
+        meta = {k: v for k, v in ck.meta.items() if k not in WHOLE_MODEL_ONLY}
+    meta.update(
+        config=cfg.to_dict(),
+        matformer_width={"fraction": fraction, "of_ffn_dim": m.ffn_dim},
+    )
+    weights = matformer.slice_weights(ck.weights, m.ffn_dim, fraction)
+    return dataclasses.replace(ck, config=cfg, weights=weights, optimizer={}, meta=meta)
+
+
+def to_torch(path, out, dtype: str = "fp32", ffn_fraction: float | None = None) -> Path:
     """Write {"state_dict", "config", "meta"} for `torch_model.Model` (strict load)
-    to the new file `out`; ConvertError if it exists or cannot be written."""
+    to the new file `out` (with `ffn_fraction`: that MatFormer width, `at_width`);
+    ConvertError if it exists or cannot be written."""
     out = Path(out)
     if os.path.lexists(out):
         raise ConvertError(
@@ -32,6 +67,8 @@ def to_torch(path, out, dtype: str = "fp32") -> Path:
     import torch
 
     ck = open_checkpoint(path)
+    if ffn_fraction is not None:
+        ck = at_width(ck, ffn_fraction)
     cfg, weights, meta = ck.config, ck.weights, ck.meta
     # fp32 -> numpy -> torch is exact; the cast to bf16/fp16 happens in torch.
     state = {
@@ -43,6 +80,8 @@ def to_torch(path, out, dtype: str = "fp32") -> Path:
         "config": cfg.model.__dict__.copy(),
         "meta": {"step": meta.get("step"), "dtype": dtype},
     }
+    if "matformer_width" in meta:
+        payload["meta"]["matformer_width"] = meta["matformer_width"]
     check_writable(out.parent)
     try:
         with atomic_file(out, replace=False) as f:

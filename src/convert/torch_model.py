@@ -12,7 +12,10 @@ weight dictionary, key for key) and the same math:
   that is the token embedding when `tie_embeddings` (no `lm_head` key then);
 - the model options: `mlp` (gated swiglu/geglu, plain silu/gelu/relu2; GELU exact,
   erf), `norm` (rmsnorm, layernorm without bias in fp32, none), `norm_position`
-  (post: norm(x + f(x)), no final norm) and `position` (none: no RoPE).
+  (post: norm(x + f(x)), no final norm), `position` (none: no RoPE),
+  `sliding_window` (a local layer's query sees the last W positions only) and
+  `moe_experts` (a routed mixture of experts per FFN: softmax router in fp32,
+  top-k, weights renormalised; a plain loop over the experts).
 
 It is written for clarity, not speed: `generate_greedy` re-runs the whole window for
 every new token (no KV cache), which makes it an independent check of the cached MLX
@@ -88,8 +91,9 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
 
 
 class Attention(nn.Module):
-    def __init__(self, cfg: ModelConfig):
+    def __init__(self, cfg: ModelConfig, window: int | None = None):
         super().__init__()
+        self.window = window
         self.n_heads, self.n_kv_heads, self.head_dim = (
             cfg.n_heads,
             cfg.kv_heads,
@@ -126,6 +130,8 @@ class Attention(nn.Module):
         v = v.repeat_interleave(groups, dim=1)
         scores = (q @ k.transpose(-2, -1)) * self.head_dim**-0.5  # (B, H, L, L)
         causal = torch.ones(L, L, dtype=torch.bool, device=x.device).tril()
+        if self.window is not None:  # query i sees keys j with i - W < j <= i
+            causal = causal & ~causal.tril(-self.window)
         scores = scores.masked_fill(~causal, float("-inf"))
         out = scores.float().softmax(dim=-1).to(v.dtype) @ v  # (B, H, L, hd)
         return self.o_proj(out.transpose(1, 2).reshape(B, L, -1))
@@ -149,13 +155,62 @@ class MLP(nn.Module):
         return self.down_proj(self.act(self.up_proj(x)))
 
 
-class Block(nn.Module):
+class Stacked(nn.Module):
+    """E Linear weights in one tensor (E, out, in): expert e's is weight[e]."""
+
+    def __init__(self, n: int, dims_in: int, dims_out: int):
+        super().__init__()
+        self.weight = nn.Parameter(torch.zeros(n, dims_out, dims_in))
+
+
+class MoE(nn.Module):
+    """Routed experts: probabilities = softmax(gate(x)) in fp32, each token's top
+    k experts weighted by their probabilities over the k's sum; expert e is an
+    MLP of the model's kind with the weights `experts.*_proj.weight[e]`."""
+
     def __init__(self, cfg: ModelConfig):
         super().__init__()
+        E, d, f = cfg.moe_experts, cfg.d_model, cfg.ffn_dim
+        self.top_k, self.gated = cfg.moe_top_k, cfg.gated
+        self.gate = nn.Linear(d, E, bias=False)
+        self.experts = nn.Module()
+        if cfg.gated:
+            self.experts.gate_proj = Stacked(E, d, f)
+        self.experts.up_proj = Stacked(E, d, f)
+        self.experts.down_proj = Stacked(E, f, d)
+        self.act = ACTIVATIONS[cfg.mlp]
+
+    def expert(self, e: int, x: torch.Tensor) -> torch.Tensor:
+        ex = self.experts
+        h = F.linear(x, ex.up_proj.weight[e])
+        if self.gated:
+            h = self.act(F.linear(x, ex.gate_proj.weight[e])) * h
+        else:
+            h = self.act(h)
+        return F.linear(h, ex.down_proj.weight[e])
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        B, L, D = x.shape
+        flat = x.reshape(-1, D)  # (N, D)
+        probs = self.gate(flat).float().softmax(dim=-1)  # (N, E)
+        weights, top = probs.topk(self.top_k, dim=-1)  # (N, k)
+        weights = weights / weights.sum(dim=-1, keepdim=True)
+        out = torch.zeros_like(flat)
+        for e in range(probs.shape[-1]):
+            token, slot = torch.where(top == e)
+            if len(token):
+                y = self.expert(e, flat[token]) * weights[token, slot, None]
+                out.index_add_(0, token, y.to(out.dtype))
+        return out.reshape(B, L, D)
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: ModelConfig, index: int = 0):
+        super().__init__()
         self.input_layernorm = make_norm(cfg, cfg.d_model)
-        self.self_attn = Attention(cfg)
+        self.self_attn = Attention(cfg, cfg.layer_window(index))
         self.post_attention_layernorm = make_norm(cfg, cfg.d_model)
-        self.mlp = MLP(cfg)
+        self.mlp = MoE(cfg) if cfg.moe_experts else MLP(cfg)
         self.post_norm = cfg.norm_position == "post"
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -170,7 +225,7 @@ class Backbone(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.d_model)
-        self.layers = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layers))
+        self.layers = nn.ModuleList(Block(cfg, i) for i in range(cfg.n_layers))
         self.norm = make_norm(cfg, cfg.d_model) if cfg.final_norm else nn.Identity()
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:

@@ -13,6 +13,11 @@ deduplicated: each document is encoded with the checkpoint's tokenizer as
 
 A token file with an assistant mask (chat data, `prepare --chat`) is scored on
 the assistant's tokens only, as the chat fine-tune's validation does.
+
+`--ffn-fraction F` scores a MatFormer model (`model.matformer_widths`) at one of
+its trained FFN widths: the plain model of its first F * ffn_dim neurons per
+layer (`src.model.matformer.narrowed`), which is what the run's validation
+logged as `val_loss@F` and what `src.convert --ffn-fraction F` exports.
 """
 
 from __future__ import annotations
@@ -32,6 +37,7 @@ from ..corpus.sources import ReadOptions, iter_corpus, open_sources
 from ..corpus.text import DOC_DELIMITER
 from ..data.tokens import MAGIC, TokenLoader, token_dtype, write_tokens
 from ..errors import DataError, UsageError, utf8_problem
+from ..model.matformer import check_fraction, narrowed
 from .evaluator import Evaluator, make_eval_fn
 
 # Documents are encoded in batches of ENCODE_BATCH documents or ENCODE_CHARS
@@ -86,13 +92,19 @@ def evaluate_checkpoint(
     max_tokens: int | None = None,
     batch_size: int | None = None,
     delimiter: str = DOC_DELIMITER,
+    ffn_fraction: float | None = None,
 ) -> dict:
     """Load a checkpoint, evaluate it on a token file or raw text; a JSON-able dict.
+    With `ffn_fraction`, at that MatFormer FFN width (ConfigError if the model
+    was not trained at it).
 
     batch_size (default: the run's training.batch_size) does not change the
     result beyond float rounding. Raises DataError, CheckpointError, ConfigError,
     TokenizerError on user mistakes."""
     model, tokenizer, meta = load_model(checkpoint)
+    if ffn_fraction is not None:
+        check_fraction(model.config, ffn_fraction, str(checkpoint))
+        model = narrowed(model, ffn_fraction)
     cfg = model.config
     L, vocab = cfg.context_length, cfg.vocab_size
     batch_size = batch_size or meta["config"]["training"]["batch_size"]
@@ -118,6 +130,8 @@ def evaluate_checkpoint(
         "checkpoint": str(checkpoint),
         "step": meta.get("step"),
         "parameters": model.num_params(),
+        "ffn_fraction": ffn_fraction,
+        "ffn_dim": cfg.ffn_dim,
         "data": str(data),
         "kind": kind,
         "loss": result.loss,
@@ -130,6 +144,11 @@ def evaluate_checkpoint(
         "windows": evaluator.windows,
         "context_length": L,
         "method": f"non-overlapping windows of {L} tokens, full context",
+        **(
+            {"moe_aux": result.moe_aux, "expert_share": result.expert_share}
+            if result.moe_aux is not None
+            else {}
+        ),
     }
 
 
@@ -137,6 +156,8 @@ def format_one(r: dict) -> str:
     rows = [
         ("checkpoint", f"{r['checkpoint']} (step {r['step']}, "
                        f"{r['parameters']:,} parameters)"),
+        *([("ffn width", f"{r['ffn_fraction']:g} ({r['ffn_dim']:,} neurons per "
+                          "layer, MatFormer)")] if r["ffn_fraction"] else []),
         ("data", f"{r['data']} ({'token file' if r['kind'] == 'tokens' else 'text'})"),
         ("windows", f"{r['windows']:,} non-overlapping windows of "
                     f"{r['context_length']} tokens (full context)"),
@@ -177,6 +198,7 @@ def format_table(results: list[dict]) -> str:
     lines.append(
         f"data: {r['data']}; non-overlapping full-context windows "
         "(each model's own context and tokenizer)"
+        + (f"; MatFormer FFN width {f:g}" if (f := r["ffn_fraction"]) else "")
     )
     return "\n".join(lines)
 
@@ -223,6 +245,14 @@ def build_parser() -> argparse.ArgumentParser:
         help="raw .txt only: a line holding only this ends a document; 'blank' "
         "(blank lines) or 'none' (one document per file); default <|endoftext|>",
     )
+    p.add_argument(
+        "--ffn-fraction",
+        type=cli.number_in(0.0, 1.0, lo_open=True),
+        metavar="F",
+        help="a MatFormer model (model.matformer_widths) at one of its trained "
+        "FFN widths: the smaller model of the first F of each layer's FFN neurons "
+        "(default: the whole model)",
+    )
     p.add_argument("--json", action="store_true", help="print JSON instead of text")
     return p
 
@@ -238,7 +268,12 @@ def evaluate(args: argparse.Namespace) -> None:
     checkpoints = args.compare or [args.checkpoint]
     results = [
         evaluate_checkpoint(
-            ck, args.data, args.max_tokens, args.batch_size, args.delimiter
+            ck,
+            args.data,
+            args.max_tokens,
+            args.batch_size,
+            args.delimiter,
+            args.ffn_fraction,
         )
         for ck in checkpoints
     ]

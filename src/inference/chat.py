@@ -165,8 +165,9 @@ class Chat:
             if a != b:
                 break
             same += 1
-        for c in self.cache:
-            c.trim(offset - same)
+        drop = offset - same
+        if not all(c.trim(drop) == drop for c in self.cache):
+            self.cache = make_cache(self.model)  # a ring cannot forget: refill
 
     def save(self, path: str) -> None:
         """Write the transcript to a new file (FileExistsError if there is one) as

@@ -8,6 +8,9 @@
 checkpoint), or a Hugging Face Llama/Qwen3 folder (config.json, *.safetensors and
 its tokenizer: our tokenizer.model, else tokenizer.json), read in memory.
 Without --seed, sampling takes a random seed and prints it on stderr.
+`--ffn-fraction F` runs a MatFormer model (`model.matformer_widths`) at one of
+its trained FFN widths, as the plain smaller model of its first F * ffn_dim
+neurons per layer (`src.model.matformer.narrowed`), in every mode.
 The checkpoint folder is self-contained: its meta.json holds the model config and
 its tokenizer/ folder the tokenizer. Layer 3 of three: this CLI and the REPL
 (`chat`) sit on `streaming` (text), which sits on `generate` (tokens).
@@ -30,6 +33,7 @@ from .. import cli
 from ..backend.policy import DTYPES
 from ..checkpoint.contents import load_model
 from ..errors import UsageError
+from ..model.matformer import check_fraction, narrowed
 from .batch import check_new_file, complete_file, read_prompts
 from .generate import Stats
 from .sampling import Sampling, add_sampling_args, sampling_from_args
@@ -107,6 +111,10 @@ def build_parser() -> argparse.ArgumentParser:
     perf("--quantize", type=int, choices=(4, 8), help="quantize weights to 4 or 8 bits")
     perf("--dtype", choices=tuple(DTYPES), help="compute dtype (default: as saved)")
     perf("--stats", action="store_true", help="print tokens, tokens/s, peak memory")
+    perf("--ffn-fraction", type=cli.number_in(0.0, 1.0, lo_open=True), metavar="F",
+         help="a MatFormer model (model.matformer_widths) at one of its trained "
+         "FFN widths: the smaller, faster model of the first F of each layer's "
+         "FFN neurons (default: the whole model)")  # fmt: skip
     add_sampling_args(p)
     return p
 
@@ -133,6 +141,12 @@ def generate(args: argparse.Namespace) -> int:
         check_new_file(args.output)
     prompts = read_prompts(args.prompts_file) if args.prompts_file else None
     model, tokenizer, meta = load_model(args.checkpoint, args.tokenizer)
+    if args.ffn_fraction is not None:
+        f = check_fraction(model.config, args.ffn_fraction, args.checkpoint)
+        model = narrowed(model, f)
+        m = model.config
+        print(f"FFN width {args.ffn_fraction:g}: {m.ffn_dim:,} neurons per layer, "
+              f"{model.num_params():,} parameters", file=sys.stderr)  # fmt: skip
     prepare(model, args.dtype, args.quantize)
     mx.reset_peak_memory()
     if args.seed is None and s.temperature > 0:  # a random one: say it

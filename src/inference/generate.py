@@ -26,7 +26,7 @@ from dataclasses import dataclass
 import mlx.core as mx
 import mlx.nn as nn
 
-from .cache import DecodeWindow, KVCache, make_cache
+from .cache import DecodeRing, DecodeWindow, KVCache, RotatingKVCache, make_cache
 from .sampling import Sampling, make_processors, make_sampler
 
 PREFILL_CHUNK = 512
@@ -79,16 +79,25 @@ class Decoder:
 
     @staticmethod
     def fits(cache: list) -> bool:
-        """Whether the compiled step can run on `cache`: our KVCache, allocated."""
-        c = cache[0]
-        return (
-            isinstance(c, KVCache) and c.keys is not None and c.offset < c.keys.shape[2]
+        """Whether the compiled step can run on `cache`: our caches, allocated,
+        with room left in the global layers' buffers."""
+        return all(
+            (
+                isinstance(c, KVCache)
+                and c.keys is not None
+                and c.offset < c.keys.shape[2]
+            )
+            or (isinstance(c, RotatingKVCache) and c.keys is not None)
+            for c in cache
         )
 
-    def __call__(self, tokens: mx.array, cache: list[KVCache]) -> mx.array:
-        """Logits (B, V) of `tokens` (B, 1) at the cache's offset; advances the cache."""
+    def __call__(self, tokens: mx.array, cache: list) -> mx.array:
+        """Logits (B, V) of `tokens` (B, 1) at the cache's offset; advances the cache.
+        Local layers' rings are attended whole; only the global layers' width
+        follows the position (a model without global layers has one trace)."""
         c0 = cache[0]
-        width = min(self.bucket * (c0.offset // self.bucket + 1), c0.keys.shape[2])
+        full = [c.keys.shape[2] for c in cache if isinstance(c, KVCache)]
+        width = min(self.bucket * (c0.offset // self.bucket + 1), *full) if full else 0
         step = self._steps.get(width)
         if step is None:
             step = mx.compile(self._forward(width), inputs=self.model.state)
@@ -101,10 +110,15 @@ class Decoder:
         return logits
 
     def _forward(self, width: int):
+        windows = [layer.self_attn.window for layer in self.model.model.layers]
+
         def forward(tokens, offset, keys, values, pad):
             pad = pad[0] if pad else None
             views = [
-                DecodeWindow(k, v, offset, width, pad) for k, v in zip(keys, values)
+                DecodeWindow(k, v, offset, width, pad)
+                if w is None
+                else DecodeRing(k, v, offset, pad)
+                for w, k, v in zip(windows, keys, values)
             ]
             logits = self.model(tokens, cache=views)[:, -1, :]
             return logits, [w.keys for w in views], [w.values for w in views]

@@ -10,11 +10,20 @@ replies, `src.data.tokens`), only targets whose mask is set are summed: the
 others are selected away (`mx.where`), so their gradient is exactly zero. The
 mean is over the counted targets; a batch with none has loss 0 and zero
 gradients (`masked_mean_loss`).
+
+Mixture of experts (`model.moe_experts`): the loss adds `model.moe_aux_loss`
+(training.moe_aux_loss, alpha) times the load-balancing loss, the mean over the
+MoE layers of their aux (`src.model.moe`), so the mean loss is the cross-entropy
+mean + alpha * aux. `summed_loss` returns sums that its callers divide by the
+targets counted, so each shard adds alpha * aux * (its counted targets); with
+several shards or micro-batches the aux term is their count-weighted mean.
+`routed_summed_loss` keeps the two apart (what validation reports).
 """
 
 from __future__ import annotations
 
 import contextlib
+from typing import NamedTuple
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -45,6 +54,50 @@ def summed_cross_entropy(
     return losses.sum()
 
 
+class ShardLoss(NamedTuple):
+    """One shard's summed cross-entropy, its counted targets, its tokens (all go
+    through the routers) and, for an MoE model, the mean aux over the MoE layers
+    and their loads (layers, E); None when dense."""
+
+    ce: mx.array
+    counted: int | mx.array
+    tokens: int
+    aux: mx.array | None
+    load: mx.array | None
+
+
+def routed_summed_loss(
+    model: nn.Module,
+    batch: mx.array,
+    streams: list[mx.Stream] | None = None,
+    smoothing: float = 0.0,
+    mask: mx.array | None = None,
+) -> list[ShardLoss]:
+    """Each shard's summed next-token cross-entropy of `batch` (B, L+1) in fp32,
+    with the routing of an MoE model; its rows are split across `streams` (their
+    backward runs on the same streams). With a bool `mask` (B, L+1), only the
+    targets whose mask is set count."""
+    out = []
+    shards = _shards(batch, streams)
+    masks = [m for _, m in _shards(mask, streams)] if mask is not None else None
+    routed = getattr(model, "routed", None)  # ours; any other model is dense
+    for i, (stream, rows) in enumerate(shards):
+        with mx.stream(stream) if stream is not None else contextlib.nullcontext():
+            inputs = rows[:, :-1]
+            logits, routings = routed(inputs) if routed else (model(inputs), [])
+            counted = masks[i][:, 1:] if masks is not None else None
+            ce = summed_cross_entropy(
+                logits.astype(mx.float32), rows[:, 1:], smoothing, counted
+            )
+            n = counted.sum() if counted is not None else inputs.size
+            aux = load = None
+            if routings:
+                aux = mx.stack([r.aux for r in routings]).mean()
+                load = mx.stack([r.load for r in routings])
+            out.append(ShardLoss(ce, n, inputs.size, aux, load))
+    return out
+
+
 def summed_loss(
     model: nn.Module,
     batch: mx.array,
@@ -54,17 +107,14 @@ def summed_loss(
 ) -> mx.array:
     """Summed next-token cross-entropy of `batch` (B, L+1) in fp32; its rows are
     split across `streams` (their backward runs on the same streams). With a
-    bool `mask` (B, L+1), only the targets whose mask is set count."""
+    bool `mask` (B, L+1), only the targets whose mask is set count. An MoE model
+    adds alpha * aux per counted target (alpha: `model.moe_aux_loss`)."""
+    alpha = getattr(model, "moe_aux_loss", 0.0)
     total = mx.array(0.0)
-    shards = _shards(batch, streams)
-    masks = [m for _, m in _shards(mask, streams)] if mask is not None else None
-    for i, (stream, rows) in enumerate(shards):
-        with mx.stream(stream) if stream is not None else contextlib.nullcontext():
-            logits = model(rows[:, :-1]).astype(mx.float32)
-            counted = masks[i][:, 1:] if masks is not None else None
-            total = total + summed_cross_entropy(
-                logits, rows[:, 1:], smoothing, counted
-            )
+    for shard in routed_summed_loss(model, batch, streams, smoothing, mask):
+        total = total + shard.ce
+        if shard.aux is not None and alpha:
+            total = total + alpha * shard.aux * shard.counted
     return total
 
 

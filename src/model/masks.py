@@ -18,23 +18,49 @@ CAUSAL = "causal"  # the queries are the last L keys; the kernel builds the mask
 
 
 def attention_mask(
-    L: int, offset: Any = 0, keys: int | None = None, pad: mx.array | None = None
+    L: int,
+    offset: Any = 0,
+    keys: int | None = None,
+    pad: mx.array | None = None,
+    window: int | None = None,
 ) -> Any:
     """Which keys each of L new queries may see: every key at or before its own
-    position, and never a row's left padding (`pad` (B,): padded positions per
-    row; a padding query sees itself, so its state stays finite).
+    position (and, with a `window` W, after its position - W: the last W
+    positions, its own included), and never a row's left padding (`pad` (B,):
+    padded positions per row; a padding query sees itself, so its state stays
+    finite).
 
     `keys` defaults to offset + L (the keys end with the queries). Returns None
     (one query that may see every key), CAUSAL (no padding, keys end with the
-    queries: the kernel builds it), or a bool array (1 or B, 1, L, keys). `offset`
-    may be an array (the compiled decode step): then the array form."""
+    queries, no window cuts: the kernel builds it), or a bool array (1 or B, 1,
+    L, keys). `offset` may be an array (the compiled decode step): then the
+    array form."""
     if keys is None:
         keys = offset + L
-    if pad is None and isinstance(offset, int) and keys == offset + L:
-        return CAUSAL if L > 1 else None
+    if window is not None and isinstance(offset, int) and keys <= window:
+        window = None  # every key is inside every query's window
+    if pad is None and window is None and isinstance(offset, int):
+        if keys == offset + L:
+            return CAUSAL if L > 1 else None
     q = offset + mx.arange(L)[:, None]
     k = mx.arange(keys)[None]
     ok = k <= q
+    if window is not None:
+        ok = ok & (k > q - window)
     if pad is None:
         return ok[None, None]
     return (ok & ((k >= pad[:, None, None]) | (k == q)))[:, None]
+
+
+def ring_mask(offset: mx.array, size: int, pad: mx.array | None = None) -> mx.array:
+    """The mask of one new query at position `offset` (an array) over a ring
+    buffer of `size` slots that holds position p in slot p % size (the rotating
+    cache of a local layer, `size` its window): slot j holds the latest position
+    congruent to j that is at most `offset`, seen if it was written (>= 0) and is
+    not padding. (1 or B, 1, 1, size)."""
+    slot = mx.arange(size)
+    position = offset - (offset - slot) % size
+    ok = position >= 0
+    if pad is None:
+        return ok[None, None, None]
+    return (ok & ((position >= pad[:, None]) | (position == offset)))[:, None, None]

@@ -11,7 +11,16 @@ forward (gated swiglu/geglu: down(act(gate(x)) * up(x)); plain silu/gelu/relu2:
 down(act(up(x))), no gate_proj); `norm` the norm (rmsnorm, layernorm without bias,
 none: identity); `norm_position` post puts the norm after each residual add,
 norm(x + f(x)), with no final norm (the last block's output is normalized);
-`position` none drops RoPE (causal attention alone tells positions apart).
+`position` none drops RoPE (causal attention alone tells positions apart);
+`sliding_window` makes the layers `ModelConfig.layer_window` names local (each
+query sees the last W positions), the others global; `moe_experts` makes each
+FFN a routed mixture of experts (`src.model.moe`).
+
+`model(tokens)` returns logits; `model.routed(tokens)` returns (logits, one
+`Routing` per MoE layer: its load-balancing loss and expert load), which the
+training loss and the validation read (`src.model.loss`). `moe_aux_loss`, a
+Python float (`training.moe_aux_loss`, set by whoever builds the run), weighs
+that loss in the training objective.
 
 Attention talks to a KV cache only through `cache.offset` and
 `cache.update_and_fetch(k, v)`, and the model asks the first layer's cache for the
@@ -31,6 +40,7 @@ from mlx.utils import tree_flatten, tree_unflatten
 from ..backend import kernels
 from ..config import ModelConfig
 from .masks import attention_mask
+from .moe import MoE, Routing
 
 
 def _relu2(x: mx.array) -> mx.array:
@@ -58,8 +68,12 @@ def make_norm(cfg: ModelConfig, dims: int) -> nn.Module:
 
 
 class Attention(nn.Module):
-    def __init__(self, cfg: ModelConfig):
+    """Grouped-query attention; `window` (None: global) limits each query to the
+    last `window` positions, its own included (`model.sliding_window`)."""
+
+    def __init__(self, cfg: ModelConfig, window: int | None = None):
         super().__init__()
+        self.window = window
         self.n_heads, self.n_kv_heads, self.head_dim = (
             cfg.n_heads,
             cfg.kv_heads,
@@ -94,12 +108,15 @@ class Attention(nn.Module):
         if cache is not None:
             k, v = cache.update_and_fetch(k, v)
         # GQA: kv heads are broadcast over their query-head groups.
-        out = kernels.attention(q, k, v, scale=self.scale, mask=mask)
+        out = kernels.attention(q, k, v, self.scale, mask, self.window)
         return self.o_proj(out.transpose(0, 2, 1, 3).reshape(B, L, -1))
 
 
 class MLP(nn.Module):
-    """Gated (swiglu, geglu): down(act(gate(x)) * up(x)); plain: down(act(up(x)))."""
+    """Gated (swiglu, geglu): down(act(gate(x)) * up(x)); plain: down(act(up(x))).
+
+    `width` (a Python int, None: all) uses only the first `width` neurons: the
+    nested sub-FFN of MatFormer (`src.model.matformer` sets it)."""
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
@@ -108,32 +125,58 @@ class MLP(nn.Module):
         self.up_proj = nn.Linear(cfg.d_model, cfg.ffn_dim, bias=False)
         self.down_proj = nn.Linear(cfg.ffn_dim, cfg.d_model, bias=False)
         self.act = ACTIVATIONS[cfg.mlp]
+        self.width: int | None = None
 
     def __call__(self, x: mx.array) -> mx.array:
+        if self.width is not None:
+            return self._narrow(x, self.width)
         if "gate_proj" in self:
             return self.down_proj(self.act(self.gate_proj(x)) * self.up_proj(x))
         return self.down_proj(self.act(self.up_proj(x)))
+
+    def _narrow(self, x: mx.array, n: int) -> mx.array:
+        """The same FFN over its first n neurons only."""
+        h = x @ self.up_proj.weight[:n].T
+        if "gate_proj" in self:
+            h = self.act(x @ self.gate_proj.weight[:n].T) * h
+        else:
+            h = self.act(h)
+        return h @ self.down_proj.weight[:, :n].T
 
 
 class Block(nn.Module):
     """Pre-norm: h = x + attn(norm1(x)), h + mlp(norm2(h)); post-norm: h =
     norm1(x + attn(x)), norm2(h + mlp(h)) (norm1, norm2 keep Llama's names)."""
 
-    def __init__(self, cfg: ModelConfig):
+    def __init__(self, cfg: ModelConfig, index: int = 0):
         super().__init__()
         self.input_layernorm = make_norm(cfg, cfg.d_model)
-        self.self_attn = Attention(cfg)
+        self.self_attn = Attention(cfg, cfg.layer_window(index))
         self.post_attention_layernorm = make_norm(cfg, cfg.d_model)
-        self.mlp = MLP(cfg)
+        act = ACTIVATIONS[cfg.mlp]
+        self.mlp = MoE(cfg, act) if cfg.moe_experts else MLP(cfg)
         self.dropout = nn.Dropout(cfg.dropout)
         self.post_norm = cfg.norm_position == "post"
 
     def __call__(self, x: mx.array, mask: Any = None, cache: Any = None) -> mx.array:
+        return self.routed(x, mask, cache)[0]
+
+    def routed(
+        self, x: mx.array, mask: Any = None, cache: Any = None
+    ) -> tuple[mx.array, Routing | None]:
+        """(the block's output, its MoE routing; None for a dense FFN)."""
         if self.post_norm:
             h = self.input_layernorm(x + self.dropout(self.self_attn(x, mask, cache)))
-            return self.post_attention_layernorm(h + self.dropout(self.mlp(h)))
+            y, routing = self._ffn(h)
+            return self.post_attention_layernorm(h + self.dropout(y)), routing
         h = x + self.dropout(self.self_attn(self.input_layernorm(x), mask, cache))
-        return h + self.dropout(self.mlp(self.post_attention_layernorm(h)))
+        y, routing = self._ffn(self.post_attention_layernorm(h))
+        return h + self.dropout(y), routing
+
+    def _ffn(self, x: mx.array) -> tuple[mx.array, Routing | None]:
+        if isinstance(self.mlp, MoE):
+            return self.mlp.routed(x)
+        return self.mlp(x), None
 
 
 class Backbone(nn.Module):
@@ -142,34 +185,56 @@ class Backbone(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.d_model)
-        self.layers = [Block(cfg) for _ in range(cfg.n_layers)]
+        self.layers = [Block(cfg, i) for i in range(cfg.n_layers)]
         # post-norm blocks end normalized: no final norm (nor with norm none)
         self.norm = make_norm(cfg, cfg.d_model) if cfg.final_norm else nn.Identity()
         self.dropout = nn.Dropout(cfg.dropout)
         self.checkpoint_blocks = cfg.gradient_checkpointing
 
     def __call__(self, tokens: mx.array, cache: list | None = None) -> mx.array:
+        return self.routed(tokens, cache)[0]
+
+    def routed(
+        self, tokens: mx.array, cache: list | None = None
+    ) -> tuple[mx.array, list[Routing]]:
+        """(final hidden states (B, L, D), the MoE layers' routings in order)."""
         h = self.dropout(self.embed_tokens(tokens))  # (B, L, D)
-        # With a cache, the mask covers the whole cached prefix (and its padding).
+        routings = []
+        # With a cache, the mask covers the whole cached prefix (and its padding);
+        # one mask per attention window, from the first cache of that window.
         L = h.shape[1]
-        mask = cache[0].make_mask(L) if cache else attention_mask(L)
         cache = cache or [None] * len(self.layers)
+        masks: dict = {}
         for layer, layer_cache in zip(self.layers, cache):
+            window = layer.self_attn.window
+            if window not in masks:
+                masks[window] = (
+                    layer_cache.make_mask(L)
+                    if layer_cache is not None
+                    else attention_mask(L, window=window)
+                )
+            mask = masks[window]
             if self.checkpoint_blocks and self.training:
-                h = _checkpointed(layer, h, mask)
+                h, routing = _checkpointed(layer, h, mask)
             else:
-                h = layer(h, mask, layer_cache)
-        return self.norm(h)
+                h, routing = layer.routed(h, mask, layer_cache)
+            if routing is not None:
+                routings.append(routing)
+        return self.norm(h), routings
 
 
-def _checkpointed(layer: Block, h: mx.array, mask: Any) -> mx.array:
+def _checkpointed(
+    layer: Block, h: mx.array, mask: Any
+) -> tuple[mx.array, Routing | None]:
     """Run a block without keeping its activations; they are recomputed in backward."""
 
     def inner(params, h):
         layer.update(params)
-        return layer(h, mask)
+        out, routing = layer.routed(h, mask)
+        return (out,) if routing is None else (out, *routing)
 
-    return mx.checkpoint(inner)(layer.trainable_parameters(), h)
+    out, *routing = mx.checkpoint(inner)(layer.trainable_parameters(), h)
+    return out, Routing(*routing) if routing else None
 
 
 class Model(nn.Module):
@@ -180,13 +245,22 @@ class Model(nn.Module):
         if not cfg.tie_embeddings:
             self.lm_head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
         self._init_weights(cfg)
+        # weight of the MoE load-balancing loss in the training loss (a Python
+        # float, not a parameter); the run sets it from training.moe_aux_loss
+        self.moe_aux_loss = 0.0
 
     def __call__(self, tokens: mx.array, cache: list | None = None) -> mx.array:
         """Logits (B, L, vocab) for tokens (B, L); `cache` is one KV cache per layer."""
-        h = self.model(tokens, cache)
+        return self.routed(tokens, cache)[0]
+
+    def routed(
+        self, tokens: mx.array, cache: list | None = None
+    ) -> tuple[mx.array, list[Routing]]:
+        """(logits (B, L, vocab), one Routing per MoE layer; [] when dense)."""
+        h, routings = self.model.routed(tokens, cache)
         if self.config.tie_embeddings:
-            return self.model.embed_tokens.as_linear(h)
-        return self.lm_head(h)
+            return self.model.embed_tokens.as_linear(h), routings
+        return self.lm_head(h), routings
 
     def _init_weights(self, cfg: ModelConfig) -> None:
         # N(0, std) everywhere; residual output projections scaled by 1/sqrt(2*layers)

@@ -66,6 +66,7 @@ def steps_for_budget(
         mx.eval(eval_fn(tokens[0]))
         batches = math.ceil(e.max_tokens / (t.batch_size * m.context_length))
         per_eval = batches * _median_seconds(lambda: mx.eval(eval_fn(tokens[0])), 2)
+        per_eval *= max(1, len(m.matformer_widths))  # MatFormer: every width
         if e.sample_tokens and e.sample_prompts:
             sample = _median_seconds(
                 lambda: list(generate_tokens(model, [1], e.sample_tokens, 0.0)), 1

@@ -282,9 +282,11 @@ class RunLog:
 
     def eval_row(self, step: int, metrics: dict) -> None:
         self._append([{"event": "eval", "step": step, "time": time.time(), **metrics}])
+        moe = metrics.get("val_moe_aux")
         self.info(
             f"step {step}: val loss {metrics['val_loss']:.4f} "
             f"ppl {metrics['val_ppl']:.2f} bpb {metrics['val_bpb']:.4f}"
+            + (f" moe aux {moe:.3f} (1 = balanced)" if moe is not None else "")
         )
 
     def sample(self, step: int, prompt: str, text: str) -> None:

@@ -239,7 +239,9 @@ def check_steps_left(meta: dict, cfg: Config, path: Path) -> None:
 # Keys that must not change across a resume: the saved tensors' shapes, the
 # token stream, and the batch (which defines the data position of every step).
 # Regularization and memory knobs may change freely.
-_FROZEN = ("model.", "training.batch_size", "training.grad_accum_steps")
+# the optimizer too: its state is the checkpoint's (`--init-from` starts afresh)
+_FROZEN = ("model.", "training.batch_size", "training.grad_accum_steps",
+           "training.optimizer")  # fmt: skip
 _FREE = ("model.dropout", "model.gradient_checkpointing", "model.init_std")
 
 
@@ -330,7 +332,9 @@ def check_resume_compatible(
 ) -> None:
     """Raise ConfigError listing every frozen key whose value differs, and a change
     in the number of data-parallel ranks."""
-    old, new = _flatten(meta.get("config", {})), _flatten(cfg.to_dict())
+    # a key the checkpoint's config predates had its default then
+    old = _flatten(Config().to_dict()) | _flatten(meta.get("config", {}))
+    new = _flatten(cfg.to_dict())
     diffs = [
         f"  {k}: checkpoint {old.get(k)!r} -> now {new.get(k)!r}"
         for k in sorted(set(old) | set(new))

@@ -37,7 +37,7 @@ from ..data.tokens import TokenLoader
 from ..errors import CheckpointError, ConfigError
 from ..files import check_creatable, check_writable
 from ..tokenizer.kinds import TokenizerLike, load_tokenizer
-from . import budget, reporters
+from . import autotune, budget, reporters
 from .assembly import Assembly, assemble
 from .distributed import ONE_PROCESS, Dist
 from .lock import locked
@@ -131,6 +131,7 @@ def check_resume(
         return None
     meta = store.read_meta(path)
     keep_source(meta, cfg, path)
+    autotune.keep_recorded(meta, cfg)
     check_resume_compatible(meta, cfg, tokenizer.sha256, dist.world)
     check_steps_left(meta, cfg, path)
     return meta
@@ -220,6 +221,7 @@ def _run(
     stop: StopSignal,
     started: float,
 ) -> int:
+    policy_note = autotune.tune(cfg, dist.world)  # before the step is traced
     if cfg.training.time_budget_minutes > 0:  # before the schedule is built
         elapsed = time.monotonic() - started
         log.info(budget.fix_max_steps(cfg, inputs.resume_meta, dist, elapsed))
@@ -233,4 +235,5 @@ def _run(
     parts.optimizer.follow_run_step(step)  # before the compiled step first runs
     mx.eval(parts.model.parameters(), parts.optimizer.state)
     trainer = Trainer(cfg, parts, inputs, log, ckpt_dir, dist, stop, start)
+    trainer.policy_note = policy_note
     return trainer.run()

@@ -29,10 +29,18 @@ passes its own micro-batches; loss and gradients are averaged over the ranks (on
 all_sum per 32 MiB of gradients, `nn.average_gradients`) before clipping, so the
 clipped norm, the guard and the update are the global ones, bitwise the same on
 every rank.
+
+MatFormer (`model.matformer_widths`): a step is made for given FFN `widths`;
+its loss is the mean of the losses at each (`training.matformer_loss: sum`
+makes one step over all; `sample`, one step per width, `src.train.assembly`).
+Each width's forward and backward run like one more micro-batch, one after
+the other, so memory is one forward's and gradient checkpointing recomputes
+each block at the width it ran at.
 """
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable
 
 import mlx.core as mx
@@ -43,6 +51,7 @@ from mlx.utils import tree_flatten, tree_map
 from ..backend import policy
 from ..config import TrainingConfig
 from ..model.loss import counted_targets, mean_loss, summed_loss
+from ..model.matformer import use_width
 
 # step(batch) -> (loss, grad norm, ok); a masked step also takes the mask
 TrainStep = Callable[..., tuple[mx.array, mx.array, mx.array]]
@@ -75,10 +84,15 @@ def make_train_step(
     group: mx.distributed.Group | None = None,
     streams: list[mx.Stream] | None = None,
     masked: bool = False,
+    widths: tuple[float | None, ...] = (None,),
 ) -> TrainStep:
     """step(batch (accum, B, L+1)) -> (mean loss, grad norm before clipping, ok);
     with `masked`, step(batch, mask (accum, B, L+1) bool) and the loss is the
     mean over the targets the mask counts (see the module docstring).
+
+    `widths` (MatFormer FFN fractions, None: the whole model): the loss is the
+    mean of the losses at each, one forward per width; a compiled step keeps the
+    widths it was traced with.
 
     With a `group` of N ranks, the mean loss and the gradients are over all ranks'
     batches (N x accum micro-batches). `streams` split each micro-batch's rows
@@ -87,16 +101,20 @@ def make_train_step(
     if streams is None:
         streams = policy.streams(cfg.streams, world)
 
+    share = 1 / len(widths)  # each width's part of a micro-batch's loss
+
     def loss_of(params: dict, batch: mx.array, *count) -> mx.array:
         """The plain mean loss of `batch`, or with (mask, n): the summed loss of
-        the targets the mask counts over n."""
+        the targets the mask counts over n (times `share`, over several widths)."""
         if compute_dtype != mx.float32:
             params = _cast(params, compute_dtype)
         model.update(params)
         if not count:
-            return mean_loss(model, batch, cfg.label_smoothing, streams)
-        mask, n = count
-        return summed_loss(model, batch, streams, cfg.label_smoothing, mask) / n
+            loss = mean_loss(model, batch, cfg.label_smoothing, streams)
+        else:
+            mask, n = count
+            loss = summed_loss(model, batch, streams, cfg.label_smoothing, mask) / n
+        return loss * share if len(widths) > 1 else loss
 
     loss_and_grad = mx.value_and_grad(loss_of)
 
@@ -106,14 +124,23 @@ def make_train_step(
         # masked: every micro-batch's sum is over the step's count, so they add up
         count = () if mask is None else (counted_targets(mask),)
         part = (lambda i: ()) if mask is None else (lambda i: (mask[i], *count))
-        loss, grads = loss_and_grad(params, batch[0], *part(0))
-        for i in range(1, accum):  # unrolled: accumulation lives inside the graph
-            # Start micro-batch i only once the gradients so far exist, so that one
-            # micro-batch's activations are alive at a time (else memory grows with accum).
-            micro = mx.depends(batch[i], [loss, *(g for _, g in tree_flatten(grads))])
-            micro_loss, micro_grads = loss_and_grad(params, micro, *part(i))
-            loss = loss + micro_loss
-            grads = tree_map(mx.add, grads, micro_grads)
+        loss = grads = None
+        # unrolled: accumulation (over micro-batches, and widths) lives in the graph
+        for i, w in ((i, w) for i in range(accum) for w in widths):
+            micro = batch[i]
+            if grads is not None:
+                # Start the next forward only once the gradients so far exist, so
+                # that one forward's activations are alive at a time (else memory
+                # grows with accum and the widths).
+                micro = mx.depends(micro, [loss, *(g for _, g in tree_flatten(grads))])
+            # forward and backward at width w (a checkpointed block recomputes in it)
+            with use_width(model, w) if w is not None else contextlib.nullcontext():
+                micro_loss, micro_grads = loss_and_grad(params, micro, *part(i))
+            if grads is None:
+                loss, grads = micro_loss, micro_grads
+            else:
+                loss = loss + micro_loss
+                grads = tree_map(mx.add, grads, micro_grads)
         model.update(params)  # loss_of left (maybe cast) tracers in the model
         if accum > 1 and mask is None:
             loss = loss / accum

@@ -19,6 +19,9 @@ out: finished, stopped, failed or interrupted.
 Chat SFT: when `training.loss_on` resolves to assistant (`loss_on_assistant`),
 each step reads the assistant mask of its windows with them and runs the masked
 step, and validation scores the same tokens.
+MatFormer (`model.matformer_widths`): `Assembly.step_for` gives each step its
+width's step (sample mode), and validation adds `val_loss@f`/`val_bpb@f` for
+each narrower width f to the eval row; the best checkpoint is the whole model's.
 """
 
 from __future__ import annotations
@@ -41,6 +44,7 @@ from ..data.tokens import TokenLoader
 from ..errors import ConfigError, DataError
 from ..eval.evaluator import Evaluator
 from ..inference.generate import generate_tokens
+from ..model import matformer
 from ..tokenizer.kinds import TokenizerLike
 from .assembly import Assembly
 from .distributed import Dist
@@ -109,11 +113,11 @@ class Trainer:
         self.cfg, self.parts, self.inputs = cfg, parts, inputs
         self.log, self.ckpt_dir, self.dist, self.stop = log, ckpt_dir, dist, stop
         self.start, self.best = start.step, start.best
+        self.policy_note: str | None = None
         self.accum = dist.local_accum(t.grad_accum_steps)  # micro-batches per rank
         self.rows = dist.rows(t.batch_size * self.accum)  # this rank's share
         self.tokens_per_step = t.batch_size * t.grad_accum_steps * m.context_length
         self.masked = loss_on_assistant(cfg, inputs.train_data, inputs.val_data)
-        self.train_step = parts.masked_step if self.masked else parts.train_step
         self.eval_fn = parts.masked_eval_fn if self.masked else parts.eval_fn
         self.evaluator = Evaluator(
             inputs.val_data,
@@ -135,6 +139,8 @@ class Trainer:
         data = self.inputs
         self.log.info(blas.describe())
         self.log.info(policy.describe(self.parts.streams))
+        if self.policy_note:  # how the policy was chosen (src/train/autotune.py)
+            self.log.info(self.policy_note)
         self.log.info(
             f"device {mx.default_device()}, compute {self.parts.compute_dtype}, "
             f"compiled step: {t.compile}"
@@ -145,6 +151,7 @@ class Trainer:
             f"ffn={m.ffn_dim}, context={m.context_length}, vocab={m.vocab_size}); "
             f"training memory estimate ~{fmt_bytes(self.parts.memory_estimate(cfg))}"
         )
+        self.log.info(self.parts.optimizer.describe())
         self.log.info(
             f"data: {data.train_data.n_tokens:,} train / {data.val_data.n_tokens:,} "
             f"val tokens; {self.tokens_per_step:,} tokens per step "
@@ -158,6 +165,8 @@ class Trainer:
                 f"{t.loss_on}): {n:,} of {total:,} train tokens ({n / total:.0%}); "
                 f"validation scores {self.evaluator.tokens:,} such targets"
             )
+        if m.matformer_widths:
+            self.log.info(matformer.describe(cfg))
         if self.dist.world > 1:
             self.log.info(f"data-parallel: {self.dist.world} ranks, {self.accum} x "
                           f"{t.batch_size} windows each per step")  # fmt: skip
@@ -257,10 +266,11 @@ class Trainer:
             batch = self.inputs.train_data.batch(t.seed, step, n, self.rows)
         batch = mx.array(batch.reshape(self.accum, t.batch_size, -1), dtype=mx.int32)
         mx.random.seed(step_seed(t.seed, step, self.dist.rank))
+        train_step = self.parts.step_for(step, self.masked)  # MatFormer: a width's
         if self.masked:
-            loss, grad_norm, ok = self.train_step(batch, mask)
+            loss, grad_norm, ok = train_step(batch, mask)
         else:
-            loss, grad_norm, ok = self.train_step(batch)
+            loss, grad_norm, ok = train_step(batch)
         lr = self.parts.optimizer.current_lr
         # Ranks must stop at the same step: the flags they had when the step
         # began are summed with it (no extra sync); see _stopping. Rank 0's log
@@ -331,9 +341,13 @@ class Trainer:
         model.eval()
         try:
             result = self.evaluator(self.eval_fn, self.dist.rank, self.dist.world)
+            row = {**result.as_dict(), **self._width_metrics()}
         finally:
             model.train()
-        self.log.eval_row(step, result.as_dict())
+        self.log.eval_row(step, row)
+        if self.parts.width_evals:  # the eval row's line says the whole model's
+            bpb = [f"{k[8:]} {v:.4f}" for k, v in row.items() if k[:8] == "val_bpb@"]
+            self.log.info(f"step {step}: val bpb by FFN width: {', '.join(bpb)}")
         if not (self.cfg.eval.sample_tokens and self.dist.main):
             return result.loss
         for prompt in self.cfg.eval.sample_prompts:
@@ -347,6 +361,15 @@ class Trainer:
                 continue
             self.log.sample(step, prompt, text)
         return result.loss
+
+    def _width_metrics(self) -> dict:
+        """MatFormer: val_loss@f and val_bpb@f of each narrower FFN width f."""
+        row = {}
+        for w, fns in self.parts.width_evals.items():
+            at = self.evaluator(fns[self.masked], self.dist.rank, self.dist.world)
+            key = matformer.width_key(w)
+            row[f"val_loss@{key}"], row[f"val_bpb@{key}"] = at.loss, at.bits_per_byte
+        return row
 
     def sample(self, prompt: str) -> str:
         """A continuation of `prompt` with the run's sampling settings."""
