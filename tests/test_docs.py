@@ -5,6 +5,8 @@ import ast
 import re
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -31,12 +33,14 @@ def test_every_fault_row_names_tests_that_exist():
         assert not missing, f"{row.split('|')[1].strip()}: no such test {missing}"
 
 
-def test_readme_configs_table_matches_the_configs():
-    """Every configs/*.yaml has a row in the README's table, and the row's numbers
-    (parameters, d / layers / heads (kv), context, vocab) are the config's."""
+@pytest.mark.parametrize("doc", ["README.md", "docs/training.md"])
+def test_configs_tables_match_the_configs(doc):
+    """Every configs/*.yaml has a row in the README's (and docs/training.md's)
+    table, and the row's numbers (parameters, d / layers / heads (kv), context,
+    vocab) are the config's."""
     from src.config import load_config
 
-    text = (ROOT / "README.md").read_text(encoding="utf-8")
+    text = (ROOT / doc).read_text(encoding="utf-8")
     rows = re.findall(r"^\| `configs/([\w-]+)\.yaml` \| (.+) \|$", text, re.M)
     assert rows, "the README lost its configs table"
     seen = set()
@@ -47,7 +51,7 @@ def test_readme_configs_table_matches_the_configs():
         shape = f"{m.d_model} / {m.n_layers} / {m.n_heads}{kv}"
         want = [f"{m.num_params() / 1e6:.1f}M", shape, str(m.context_length),
                 str(m.vocab_size)]  # fmt: skip
-        assert cells[:4] == want, f"configs/{name}.yaml: README says {cells[:4]}"
+        assert cells[:4] == want, f"configs/{name}.yaml: {doc} says {cells[:4]}"
         seen.add(name)
     presets = {p.stem for p in (ROOT / "configs").glob("*.yaml")}
-    assert presets <= seen, f"configs without a README row: {sorted(presets - seen)}"
+    assert presets <= seen, f"configs without a row in {doc}: {sorted(presets - seen)}"
