@@ -95,7 +95,8 @@ def main(argv: list[str] | None = None) -> int:
         p.error("no rows to run")
     out = Path(args.dir)
     budget = (
-        [f"training.max_steps={args.steps}"]
+        # a config's own time budget would replace the step count: off
+        [f"training.max_steps={args.steps}", "training.time_budget_minutes=0"]
         if args.steps
         else [f"training.time_budget_minutes={args.minutes}"]
     )

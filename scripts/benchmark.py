@@ -2,24 +2,29 @@
 
     python scripts/benchmark.py [--quick] [--generation] [--breakdown]
                                 [--out out/benchmark]
+    python scripts/benchmark.py --shapes medium --impls ours torch
+                                --precision bf16 --torch-device cuda  # on a GPU
 
 Numbers from different machines are never comparable blind: the report opens
 with the machine (`src.backend.machine`: CPU model, physical/logical cores, the
 ISA extensions that matter, the BLAS and the kernels it picked, MLX's version and
 backend, torch's BLAS, and the 2048³ fp32 GEMM ceiling measured here), and every
-table header names the CPU.
+table header names the CPU (or, where one computes, the GPU).
 
 For each shape set ((a) a 12.6M-parameter Llama-style model, d 384, 6 layers, 6/2
 heads, context 256, vocab 8192; (b) the model and micro-batch of
-configs/model_config_small.yaml, timed with grad_accum 1; `speedrun`, only when
-asked for, the same of configs/speedrun.yaml) this times one full training step
-(forward, backward, clip, AdamW) of:
-  ours           our trainer's step (`src.train.assembly.assemble`, mx.compile), fp32
+configs/model_config_small.yaml, timed with grad_accum 1; only when asked for:
+`speedrun`, the same of configs/speedrun.yaml, and `medium`, the ~124M model of
+configs/medium.yaml at batch 8 x 1024, for a GPU) this times one full training
+step (forward, backward, clip, AdamW) in --precision (fp32; bf16: bf16 compute,
+fp32 master weights) of:
+  ours           our trainer's step (`src.train.assembly.assemble`, mx.compile)
   ours_eager     the same step with compile=False
   ours_plain     the compiled step without the CPU levers: MLX's fused kernels
                  (SLM_KERNELS=fused) and one stream (training.streams=1)
-  torch          src/torch_model.py + torch.optim.AdamW (same hyperparameters,
-                 decay mask and schedule), fp32 eager
+  torch          src/convert/torch_model.py + torch.optim.AdamW (same
+                 hyperparameters, decay mask and schedule), eager, on
+                 --torch-device (bf16: under torch.autocast); scripts/bench_torch.py
   torch_compile  the same with torch.compile(model) (skipped, with the reason, if
                  its warm-up fails or takes longer than --compile-timeout)
   mlx_lm         mlx_lm.models.llama.Model trained with our step (mx.compile)
@@ -37,7 +42,9 @@ check). Each runs in its own worker process, built and warmed up (compilation
 excluded) one after another; then the workers take turns, one step each per round,
 so only one framework computes at a time and all see the same machine load.
 Reported: median tokens/s, MFU (6 * matmul params + 12 * layers * d * context FLOPs
-per token, against the best fp32 2048^3 GEMM of MLX and torch measured here), peak
+per token, against the best n^3 GEMM of MLX and torch measured here, each on its
+device and in the compute dtype; n = 2048 on the CPU (1024 in bf16), 8192 on a
+GPU, or --gemm-size), the devices (MLX's default, torch's --torch-device), peak
 memory (process RSS above the post-import baseline; for MLX also the allocator
 peak), and the ratios ours / torch eager, torch.compile and mlx-lm.
 
@@ -61,7 +68,6 @@ import argparse
 import json
 import math
 import os
-import re
 import resource
 import select
 import statistics
@@ -74,13 +80,16 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+from bench_common import best_gflops, gemm_size, projections, rss, timed  # noqa: E402
+from bench_torch import DEVICES, cuda_problem, torch_about, torch_worker  # noqa: E402
+
 import src  # noqa: E402,F401  (loads the optimized BLAS; must precede mlx)
 from src import cli  # noqa: E402
 from src.backend.machine import describe as describe_machine  # noqa: E402
 from src.backend.machine import short as machine_short  # noqa: E402
 from src.backend.machine import summary as machine_summary  # noqa: E402
 from src.config import config_from_dict, load_config  # noqa: E402
-from src.errors import UsageError  # noqa: E402
+from src.errors import UsageError, UserError  # noqa: E402
 from src.files import atomic_file, check_writable  # noqa: E402
 
 IMPLS = ["ours", "ours_eager", "ours_plain", "torch", "torch_compile", "mlx_lm"]
@@ -100,6 +109,7 @@ SHAPE_TINY = dict(
 def shape_sets() -> dict[str, tuple[str, dict]]:
     small = load_config(ROOT / "configs" / "model_config_small.yaml").to_dict()
     speedrun = load_config(ROOT / "configs" / "speedrun.yaml").to_dict()
+    medium = load_config(ROOT / "configs" / "medium.yaml").to_dict()
     return {
         "a": ("12.6M Llama-style model", {"model": SHAPE_A, "training": {}}),
         "b": ("model_config_small", {k: small[k] for k in ("model", "training")}),
@@ -111,12 +121,14 @@ def shape_sets() -> dict[str, tuple[str, dict]]:
             "tiny smoke test",
             {"model": SHAPE_TINY, "training": {"batch_size": 4}},
         ),
+        "medium": (  # for a GPU: minutes per step on a CPU
+            "configs/medium.yaml (~124M), batch 8",
+            {
+                "model": medium["model"],
+                "training": {**medium["training"], "batch_size": 8},
+            },  # fmt: skip
+        ),
     }
-
-
-def rss() -> int:
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
 
 # ---------------------------------------------------------------- worker side
@@ -162,11 +174,15 @@ def mlx_worker(impl: str, cfg, init: str):
         policy.keep_step_buffers()  # as the trainer does after its first step
         return loss.item()
 
-    def gemm() -> float:
-        a, b = mx.random.normal((2048, 2048)), mx.random.normal((2048, 2048))
+    def gemm(n: int) -> float:
+        """The ceiling: an n³ GEMM in the compute dtype on the default device."""
+        dtype = policy.compute_dtype(cfg.training.precision)
+        a, b = (mx.random.normal((n, n)).astype(dtype) for _ in range(2))
         mx.eval(a, b)
+        if policy.on_gpu():
+            return best_gflops(lambda: mx.eval(a @ b), n)
         blas.set_threads(os.cpu_count() or 1)  # the ceiling uses every core
-        gflops = best_gflops(lambda: mx.eval(a @ b))
+        gflops = best_gflops(lambda: mx.eval(a @ b), n)
         policy.streams(cfg.training.streams)  # back to a thread per stream
         return gflops
 
@@ -176,82 +192,6 @@ def mlx_worker(impl: str, cfg, init: str):
         return {"components": comps, "step": step_ms}
 
     return one, gemm, base, mx.get_peak_memory, mx.clear_cache, breakdown
-
-
-def torch_worker(impl: str, cfg, init: str):
-    import numpy as np
-    import torch
-    import torch.nn.functional as F
-
-    from src.convert import torch_model
-
-    t = cfg.training
-    model = torch_model.Model(cfg.model)
-    base = rss()
-    data = dict(np.load(init))
-    batch = torch.from_numpy(data.pop("__batch__").astype(np.int64))
-    model.load_state_dict({k: torch.from_numpy(v) for k, v in data.items()})
-    decay = lambda n, p: p.ndim >= 2 and (t.decay_embeddings or "embed_tokens" not in n)  # noqa: E731
-    named = list(model.named_parameters())
-    groups = [
-        {"params": [p for n, p in named if decay(n, p)], "weight_decay": t.weight_decay},
-        {"params": [p for n, p in named if not decay(n, p)], "weight_decay": 0.0},
-    ]  # fmt: skip
-    opt = torch.optim.AdamW(groups, lr=t.learning_rate, betas=(t.beta1, t.beta2), eps=t.eps)  # fmt: skip
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(t, s))
-    forward = torch.compile(model) if impl == "torch_compile" else model
-
-    def one() -> float:
-        logits = forward(batch[:, :-1]).float()
-        loss = F.cross_entropy(logits.flatten(0, 1), batch[:, 1:].flatten())
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), t.grad_clip or math.inf)
-        opt.step()
-        sched.step()
-        return loss.item()
-
-    def gemm() -> float:
-        a, b = torch.randn(2048, 2048), torch.randn(2048, 2048)
-        return best_gflops(lambda: a @ b)
-
-    def breakdown(repeats: int) -> dict:
-        step_ms = timed(one, repeats)  # first: right after the warm-up
-        comps = {k: timed(f, repeats, lambda f=f: f(1)) for k, f in torch_components(cfg, model, opt)}  # fmt: skip
-        return {"components": comps, "step": step_ms}
-
-    return one, gemm, base, lambda: None, None, breakdown
-
-
-def torch_about() -> dict:
-    """torch's version, BLAS and the vector ISA its kernels use here."""
-    import torch
-
-    blas = re.search(r"BLAS_INFO=(\w+)", torch.__config__.show())
-    return {
-        "version": torch.__version__,
-        "blas": blas.group(1) if blas else "unknown",
-        "cpu_capability": torch.backends.cpu.get_cpu_capability(),
-        "threads": torch.get_num_threads(),
-    }
-
-
-def lr_factor(t, step: int) -> float:
-    """src.train.schedule.lr_schedule divided by the peak learning rate."""
-    if step < t.warmup_steps:
-        return (step + 1) / max(t.warmup_steps, 1)
-    progress = min(max((step - t.warmup_steps) / max(t.max_steps - t.warmup_steps, 1), 0), 1)  # fmt: skip
-    return t.min_lr_ratio + 0.5 * (1 - t.min_lr_ratio) * (1 + math.cos(math.pi * progress))  # fmt: skip
-
-
-def best_gflops(matmul, n: int = 2048, reps: int = 5) -> float:
-    matmul()
-    times = []
-    for _ in range(reps):
-        tic = time.perf_counter()
-        matmul()
-        times.append(time.perf_counter() - tic)
-    return 2 * n**3 / min(times) / 1e9
 
 
 # ------------------------------------------------ breakdown (worker side)
@@ -272,31 +212,10 @@ COMPONENTS = {
 }
 
 
-def projections(m) -> list[tuple[int, int]]:
-    """(in, out) features of one block's linear layers."""
-    d, hd, f = m.d_model, m.head_dim, m.ffn_dim
-    mlp = [(d, f), (d, f), (f, d)] if m.gated else [(d, f), (f, d)]
-    return [(d, m.n_heads * hd), (d, m.kv_heads * hd), (d, m.kv_heads * hd),
-            (m.n_heads * hd, d), *mlp]  # fmt: skip
-
-
 def gemm_flop(m, tokens: int) -> int:
     """FLOPs of one step's GEMMs: forward + two backward products per projection."""
     per_layer = sum(i * o for i, o in projections(m))
     return 6 * tokens * (m.n_layers * per_layer + m.d_model * m.vocab_size)
-
-
-def timed(run, repeats: int, warm_up=None) -> list[float]:
-    """Milliseconds of `repeats` calls of `run()`, after `warm_up()` if given
-    (a component's warm-up runs one layer: enough to compile and allocate)."""
-    if warm_up is not None:
-        warm_up()
-    times = []
-    for _ in range(repeats):
-        tic = time.perf_counter()
-        run()
-        times.append((time.perf_counter() - tic) * 1e3)
-    return times
 
 
 def mlx_components(cfg, parts):
@@ -453,121 +372,18 @@ def mlx_components(cfg, parts):
         yield name, make()
 
 
-def torch_components(cfg, model, opt):
-    """(name, run) pairs: run() does one step's component in torch (eager)."""
-    import torch
-    import torch.nn.functional as F
-
-    from src.convert.torch_model import (
-        ACTIVATIONS,
-        RMSNorm,
-        apply_rope,
-        make_norm,
-        rope_angles,
-    )
-
-    m, t = cfg.model, cfg.training
-    B, L, V, d, hd = t.batch_size, m.context_length, m.vocab_size, m.d_model, m.head_dim
-    H, KV, f = m.n_heads, m.kv_heads, m.ffn_dim
-    grad = torch.autograd.grad
-
-    def rand(*shape, scale=1.0, leaf=True):
-        return (torch.randn(*shape) * scale).requires_grad_(leaf)
-
-    def gemm():
-        projs = projections(m)
-        X = {k: rand(B, L, k) for p in projs for k in p}
-        G = {k: rand(B, L, k, leaf=False) for p in projs for k in p}
-        W = [rand(o, i, scale=0.02) for i, o in projs]
-        E, g_head = rand(V, d, scale=0.02), rand(B, L, V, leaf=False)
-
-        def run(layers=None):
-            for _ in range(layers or m.n_layers):
-                for (i, o), w in zip(projs, W):
-                    grad(F.linear(X[i], w), (X[i], w), G[o])
-            grad(F.linear(X[d], E), (X[d], E), g_head)
-
-        return run
-
-    def attention():  # torch_model.Attention.forward between RoPE and o_proj
-        q, k, v = rand(B, H, L, hd), rand(B, KV, L, hd), rand(B, KV, L, hd)
-        g = rand(B, H, L, hd, leaf=False)
-
-        def core(q, k, v):
-            k, v = (x.repeat_interleave(H // KV, dim=1) for x in (k, v))
-            scores = (q @ k.transpose(-2, -1)) * hd**-0.5
-            causal = torch.ones(L, L, dtype=torch.bool).tril()
-            scores = scores.masked_fill(~causal, float("-inf"))
-            return scores.float().softmax(dim=-1).to(v.dtype) @ v
-
-        def run(layers=None):
-            for _ in range(layers or m.n_layers):
-                grad(core(q, k, v), (q, k, v), g)
-
-        return run
-
-    def elementwise():  # the model's own norms and activation
-        n1, n2, n3 = (make_norm(m, d) for _ in range(3))
-        nq, nk = RMSNorm(hd, m.norm_eps), RMSNorm(hd, m.norm_eps)
-        act = ACTIVATIONS[m.mlp]
-        x, q, k = rand(B, L, d), rand(B, H, L, hd), rand(B, KV, L, hd)
-        gate, up = rand(B, L, f), rand(B, L, f)
-        cot = [rand(*a.shape, leaf=False) for a in (x, q, k, x, up)]
-        tokens, E = torch.randint(0, V, (B, L)), rand(V, d, scale=0.02)
-        weights = [*n1.parameters(), *n2.parameters()]
-        weights += [*nq.parameters(), *nk.parameters()] if m.qk_norm else []
-        inputs = (x, q, k, gate, up, *weights)
-
-        def run(layers=None):
-            for _ in range(layers or m.n_layers):
-                a = n1(x)  # stands for the attention branch's output
-                qn, kn = (nq(q), nk(k)) if m.qk_norm else (q, k)
-                if m.position == "rope":  # the angles are computed per layer there too
-                    cos, sin = rope_angles(hd, m.rope_theta, torch.arange(L))
-                    qn, kn = apply_rope(qn, cos, sin), apply_rope(kn, cos, sin)
-                h = x + a
-                b = n2(h)
-                mlp = act(gate) * up if m.gated else act(up)
-                grad([a, qn, kn, h + b, mlp], inputs, cot, allow_unused=True)
-            outs = [F.embedding(tokens, E), n3(x) if m.final_norm else x]
-            grad(outs, (E, x, *n3.parameters()), [cot[0], cot[0]], allow_unused=True)
-
-        return run
-
-    def cross_entropy():
-        logits, targets = rand(B, L, V), torch.randint(0, V, (B, L))
-
-        def run(layers=None):
-            loss = F.cross_entropy(logits.flatten(0, 1), targets.flatten())
-            grad(loss, logits)
-
-        return run
-
-    def optimizer():
-        params = list(model.parameters())
-        for p in params:
-            p.grad = torch.randn_like(p) * 1e-3
-
-        def run(layers=None):
-            torch.nn.utils.clip_grad_norm_(params, t.grad_clip or math.inf)
-            opt.step()
-
-        return run
-
-    makers = dict(gemm=gemm, attention=attention, elementwise=elementwise,
-                  cross_entropy=cross_entropy, optimizer=optimizer)  # fmt: skip
-    for name, make in makers.items():
-        yield name, make()
-
-
-def worker(impl: str, spec: str, init: str, warmup: int, mode: str) -> int:
-    """Build, warm up, say ready; then answer one JSON command per line on stdin."""
+def worker(impl: str, spec: str, init: str, warmup: int, mode: str, device: str) -> int:
+    """Build, warm up, say ready; then answer one JSON command per line on stdin.
+    `device`: where a torch worker computes (--torch-device)."""
     reply_to = os.fdopen(os.dup(1), "w")
     sys.stdout = sys.stderr  # only protocol lines go to the real stdout
     cfg = config_from_dict(json.loads(spec))
     is_torch = impl.startswith("torch")
-    build = torch_worker if is_torch else mlx_worker
-    one, gemm, base, mlx_peak, release, breakdown = build(impl, cfg, init)
+    if is_torch:
+        built = torch_worker(impl, cfg, init, device)
+    else:
+        built = mlx_worker(impl, cfg, init)
+    one, gemm, base, mlx_peak, release, breakdown = built
     tic = time.perf_counter()
     first_loss = [one() for _ in range(warmup)][0]
     if release is not None and mode != "breakdown":  # breakdown: timed right away
@@ -577,7 +393,8 @@ def worker(impl: str, spec: str, init: str, warmup: int, mode: str) -> int:
     for line in sys.stdin:
         cmd = json.loads(line)
         if "gemm" in cmd:
-            send({"gflops": gemm(), **({"torch": torch_about()} if is_torch else {})})
+            about = {"torch": torch_about(device)} if is_torch else {}
+            send({"gflops": gemm(cmd["gemm"]), **about})
         elif "breakdown" in cmd:
             send(breakdown(cmd["breakdown"]))
         elif "steps" in cmd:  # idle MLX workers hold no cached buffers (docstring)
@@ -601,17 +418,8 @@ def worker(impl: str, spec: str, init: str, warmup: int, mode: str) -> int:
 
 
 class Worker:
-    def __init__(self, impl, spec, init, warmup, timeout, mode="rounds"):
-        cmd = [
-            sys.executable,
-            __file__,
-            "--worker",
-            impl,
-            spec,
-            init,
-            str(warmup),
-            mode,
-        ]
+    def __init__(self, impl, spec, init, warmup, timeout, mode="rounds", device="cpu"):
+        cmd = [sys.executable, __file__, "--worker", impl, spec, init, str(warmup), mode, device]  # fmt: skip
         # torch keeps its own BLAS: no OpenBLAS preloaded over it (src.backend.blas)
         env = {**os.environ, **({"SLM_BLAS": "off"} if "torch" in impl else {})}
         self.impl, self.timeout = impl, timeout
@@ -650,9 +458,11 @@ def bench_shape(spec: dict, impls: list[str], args, tmp: Path) -> dict:
     import mlx.core as mx
     from mlx.utils import tree_flatten
 
+    from src.backend import policy
     from src.model.transformer import Model
 
-    spec["training"] = {**spec["training"], "grad_accum_steps": 1, "precision": "fp32"}
+    t = {"grad_accum_steps": 1, "precision": args.precision}
+    spec["training"] = {**spec["training"], **t}
     cfg = config_from_dict(spec)
     m, B = cfg.model, cfg.training.batch_size
     mx.random.seed(0)
@@ -660,15 +470,20 @@ def bench_shape(spec: dict, impls: list[str], args, tmp: Path) -> dict:
     init["__batch__"] = mx.random.randint(0, m.vocab_size, (B, m.context_length + 1))
     path = str(tmp / f"init_{m.d_model}_{m.n_layers}.npz")
     mx.savez(path, **init)
+    del init
+    mx.clear_cache()  # the workers need the memory (a GPU's, for the medium shape)
     spec_json = json.dumps(spec)
     res = {"params": m.num_params(), "batch": B, "context": m.context_length}
     res["layers"] = m.n_layers
+    res["precision"] = args.precision
+    on_gpu = {"mlx": policy.on_gpu(), "torch": args.torch_device == "cuda"}
+    sizes = {fw: args.gemm_size or gemm_size(g, args.precision) for fw, g in on_gpu.items()}  # fmt: skip
     res.update(tokens_per_step=B * m.context_length, flops_per_token=flops_per_token(m))
     rows, live = {}, {}
     for impl in impls:  # built and warmed up one at a time (mx.compile runs g++)
         timeout = args.compile_timeout if impl == "torch_compile" else 1800
         mode = "breakdown" if args.breakdown else "rounds"
-        w = Worker(impl, spec_json, path, args.warmup, timeout, mode)
+        w = Worker(impl, spec_json, path, args.warmup, timeout, mode, args.torch_device)
         try:
             rows[impl] = w.ask()
             live[impl] = w
@@ -683,10 +498,11 @@ def bench_shape(spec: dict, impls: list[str], args, tmp: Path) -> dict:
     for impl, w in live.items():
         fw = "torch" if impl.startswith("torch") else "mlx"
         if fw not in gemm:
-            reply = w.ask({"gemm": 1})
+            reply = w.ask({"gemm": sizes[fw]})
             gemm[fw] = reply["gflops"]
             res.update({"torch": reply["torch"]} if "torch" in reply else {})
     res["gemm_gflops"], ceiling = gemm, max(gemm.values(), default=math.nan)
+    res["gemm_size"] = {fw: sizes[fw] for fw in gemm}
     if args.breakdown:
         res["breakdown"] = {}
         for impl, w in live.items():
@@ -738,14 +554,14 @@ def summarize(raw: dict, flop: int) -> dict:
     }
 
 
-def breakdown_table(name: str, desc: str, res: dict, machine: dict) -> str:
+def breakdown_table(name: str, desc: str, res: dict, where: str) -> str:
     bd = res["breakdown"]
     impls = list(bd)
     ratio = "ours" in bd and "torch" in bd
     n = max(r["n"] for r in bd.values())
     lines = [
         f"**({name}) {desc}: one training step by component** on "
-        f"{machine_short(machine)}: batch {res['batch']} × context {res['context']}, "
+        f"{where}: batch {res['batch']} × context {res['context']}, "
         f"fp32; ms per step, median of {n}; each component timed alone at the "
         f"step's shapes, over all {res['layers']} layers",
         "",
@@ -774,14 +590,45 @@ def breakdown_table(name: str, desc: str, res: dict, machine: dict) -> str:
     return "\n".join(lines + [""])
 
 
-def table(name: str, desc: str, res: dict, machine: dict) -> str:
+def device_label(machine: dict, devices: dict) -> str:
+    """Where the numbers come from, for a header: the CPU (machine.short) when
+    every framework computes on it, else each framework's device."""
+    if all(d.startswith(("cpu", "Device(cpu")) for d in devices.values()):
+        return machine_short(machine)
+    return ", ".join(f"{fw} on {d}" for fw, d in devices.items())
+
+
+def mlx_device() -> str:
+    """MLX's default device, with its name on a GPU: 'Device(gpu, 0) (NVIDIA H200)'."""
+    import mlx.core as mx
+
+    device = str(mx.default_device())
+    if mx.default_device().type != mx.DeviceType.gpu:
+        return device
+    try:
+        name = mx.device_info().get("device_name")
+    except (AttributeError, RuntimeError):  # an MLX without device_info
+        name = None
+    return f"{device} ({name})" if name else device
+
+
+def ceiling_label(res: dict) -> str:
+    """'2048³ fp32' (or 'mlx 8192³ / torch 2048³ bf16' when the sizes differ)."""
+    sizes = res["gemm_size"]
+    if len(set(sizes.values())) <= 1:
+        dims = f"{next(iter(sizes.values()), 0)}³"
+    else:
+        dims = " / ".join(f"{fw} {n}³" for fw, n in sizes.items())
+    return f"{dims} {res['precision']}"
+
+
+def table(name: str, desc: str, res: dict, where: str) -> str:
     g = res["gemm_gflops"]
     lines = [
-        f"**({name}) {desc}** on {machine_short(machine)}: {res['params'] / 1e6:.1f}M "
-        f"params, batch {res['batch']} × context {res['context']} (grad_accum 1), fp32; "
-        f"GEMM ceiling (2048³ fp32, best of MLX / torch): "
-        + " / ".join(f"{v:.0f}" for v in g.values())
-        + " GFLOP/s",
+        f"**({name}) {desc}** on {where}: {res['params'] / 1e6:.1f}M params, "
+        f"batch {res['batch']} × context {res['context']} (grad_accum 1), "
+        f"{res['precision']}; GEMM ceiling ({ceiling_label(res)}, best of MLX / "
+        "torch): " + " / ".join(f"{v:.0f}" for v in g.values()) + " GFLOP/s",
         "",
         "| implementation | tok/s (median) | step | MFU | peak RSS Δ | MLX peak | loss step 1 | warm-up |",  # fmt: skip
         "|---|---|---|---|---|---|---|---|",
@@ -819,9 +666,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="time the step's components instead (GEMMs, attention, "
                    "elementwise, cross-entropy, optimizer) for ours and torch")  # fmt: skip
     p.add_argument("--out", default="out/benchmark", help="writes OUT.json, OUT.md")
-    p.add_argument("--shapes", nargs="+", choices=["a", "b", "speedrun", "tiny"],
+    p.add_argument("--shapes", nargs="+", choices=["a", "b", "speedrun", "tiny", "medium"],
                    help="shape sets (default a b; --quick: a; speedrun: "
-                   "configs/speedrun.yaml; tiny: a smoke test)")  # fmt: skip
+                   "configs/speedrun.yaml; tiny: a smoke test; medium: "
+                   "configs/medium.yaml, ~124M at batch 8 x 1024, for a GPU)")  # fmt: skip
     p.add_argument("--impls", nargs="+", choices=IMPLS + EXTRA_IMPLS,
                    help="implementations (default all but ours_muon; --breakdown: "
                    "ours torch)")  # fmt: skip
@@ -833,7 +681,15 @@ def build_parser() -> argparse.ArgumentParser:
                    help="--breakdown: timed repeats per component (5; quick 2)")  # fmt: skip
     p.add_argument("--compile-timeout", type=cli.positive_number,
                    help="torch.compile warm-up limit, seconds")  # fmt: skip
-    p.add_argument("--worker", nargs=5, help=argparse.SUPPRESS)
+    p.add_argument("--precision", choices=["fp32", "bf16"], default="fp32",
+                   help="compute dtype (training.precision; torch: autocast), "
+                   "fp32 master weights either way; also the ceiling GEMM's dtype")  # fmt: skip
+    p.add_argument("--torch-device", choices=DEVICES, default="cpu",
+                   help="where the torch workers compute (cuda: a GPU PyTorch sees)")  # fmt: skip
+    p.add_argument("--gemm-size", type=cli.int_in(64, 65536),
+                   help="n of the n³ GEMM ceiling (default 8192 on a GPU, 2048 on "
+                   "the CPU, 1024 for bf16 there)")  # fmt: skip
+    p.add_argument("--worker", nargs=6, help=argparse.SUPPRESS)
     return p
 
 
@@ -843,15 +699,21 @@ def main(argv: list[str] | None = None) -> int:
     if isinstance(args, int):
         return args
     if args.worker:
-        impl, spec, init, warmup, mode = args.worker
-        return worker(impl, spec, init, int(warmup), mode)
+        impl, spec, init, warmup, mode, device = args.worker
+        return worker(impl, spec, init, int(warmup), mode, device)
     return cli.run(lambda: run(args, argv), parser=p)
 
 
 def run(args, argv) -> int:
     if args.breakdown and not set(args.impls or []) <= set(BREAKDOWN_IMPLS):
         raise UsageError(f"--breakdown times {', '.join(BREAKDOWN_IMPLS)} only")
+    if args.breakdown and (args.precision != "fp32" or args.torch_device != "cpu"):
+        raise UsageError("--breakdown times fp32 components, torch's on the CPU")
     args.impls = args.impls or (["ours", "torch"] if args.breakdown else IMPLS)
+    if args.torch_device == "cuda" and any(i.startswith("torch") for i in args.impls):
+        problem = cuda_problem()
+        if problem:
+            raise UserError(problem)
     args.rounds = args.rounds or (3 if args.quick else 5)
     args.warmup = args.warmup or (1 if args.quick else 2)
     args.repeats = args.repeats or (2 if args.quick else 5)
@@ -865,6 +727,7 @@ def run(args, argv) -> int:
     report.update(date=time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()))
     report.update(cpus=os.cpu_count(), load_start=os.getloadavg(), versions=versions)
     report["machine"] = machine
+    devices = report["devices"] = {"mlx": mlx_device(), "torch": args.torch_device}
     tables = []
     all_shapes = shape_sets()
     with tempfile.TemporaryDirectory() as tmp:
@@ -872,11 +735,14 @@ def run(args, argv) -> int:
             desc, spec = all_shapes[name]
             print(f"shape set ({name}) {desc}", flush=True)
             res = report[name] = bench_shape(spec, args.impls, args, Path(tmp))
+            if "torch" in res:  # torch names its GPU
+                devices["torch"] = res["torch"]["device"]
             make = breakdown_table if args.breakdown else table
-            tables.append(make(name, desc, res, machine))
-            for fw, gflops in res["gemm_gflops"].items():  # the best over the shapes
-                best = machine.setdefault("gemm_gflops", {})
-                best[fw] = max(best.get(fw, 0.0), gflops)
+            tables.append(make(name, desc, res, device_label(machine, devices)))
+            if ceiling_label(res) == "2048³ fp32":  # machine.summary's ceiling
+                for fw, gflops in res["gemm_gflops"].items():  # the best over shapes
+                    best = machine.setdefault("gemm_gflops", {})
+                    best[fw] = max(best.get(fw, 0.0), gflops)
             machine.update({"torch": res["torch"]} if "torch" in res else {})
     report["load_end"] = os.getloadavg()
     what = (
@@ -888,8 +754,13 @@ def run(args, argv) -> int:
         else f"median of {args.rounds} rounds × {args.steps} step(s), "
         f"{args.warmup} warm-up steps excluded"
     )
+    where = device_label(machine, devices)
+    if where != machine_short(machine):  # a GPU: name it, and the host
+        where = f"{where}, host {machine['cpu_model']}"
+    else:
+        where = machine["cpu_model"]
     md = [
-        f"{what.capitalize()} on **{machine['cpu_model']}**, {report['date']}, "
+        f"{what.capitalize()} on **{where}**, {report['date']}, "
         f"load average at start {report['load_start'][0]:.2f}; "
         + ", ".join(f"{k} {v}" for k, v in versions.items()),
         "",

@@ -1,73 +1,139 @@
 #!/usr/bin/env bash
-# The 30-minute recipe: from the raw TinyStories text to a trained model and its
-# validation bits per byte, on this machine's CPU, unattended.
+# The speedrun: from the raw TinyStories text to trained models and their bits per
+# byte, on this machine, unattended; three contenders, each given the same minutes.
 #
-#   bash scripts/speedrun.sh [--minutes 30] [--data PATH] [--config C] [--baseline] [--skip-setup]
+#   bash scripts/speedrun.sh [--minutes 30] [--arms ours,previous,baseline]
+#                            [--config C] [--previous P] [--data PATH] [--skip-setup]
 #
-# The clock starts after setup (venv, packages). Within --minutes it trains a
-# tokenizer, writes the token files, trains configs/speedrun.yaml for whatever time
-# is left (the trainer fixes its step count from a short calibration, so the
-# cosine schedule ends on time), and evaluates the final checkpoint: bits per byte
-# on tinystories_valid.txt (in domain) and on WikiText-2 and Gutenberg (out of
-# domain). --baseline then trains the nanoGPT-style PyTorch baseline
-# (scripts/baseline_gpt2.py) on the same token files for the same training time
-# and scores both on the same texts. Results: logs/speedrun/speedrun.md (and .json).
+# Arms (each trained in turn, each with --minutes of wall time for its data,
+# training and final evaluation):
+#   ours      configs/speedrun.yaml (--config): today's recipe
+#   previous  configs/speedrun-adamw.yaml (--previous): the recipe before it
+#   baseline  scripts/baseline_gpt2.py: nanoGPT's GPT-2 in PyTorch at ours' sizes,
+#             on ours' token files (needs torch: setup installs it)
+# The clock starts after setup (venv, packages). A tokenizer and token files are
+# made once per tokenizer path; their time counts against each arm using them.
+# Each arm keeps back the time its evaluation will take (measured first:
+# `speedrun_report.py estimate`), and the trainer fixes its step count from a
+# short calibration, so the schedule ends on time. Every model is scored on
+# tinystories_valid.txt (in domain), WikiText-2 and Gutenberg (out of domain).
+# Results: logs/<ours' run>-compare/speedrun.md and .json; each arm's in arms/.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 MINUTES=30
 DATA=""
-BASELINE=0
+ARMS=ours,previous,baseline
 SETUP=1
 CONFIG=configs/speedrun.yaml
-EVAL_RESERVE_S=${SPEEDRUN_EVAL_RESERVE_S:-150}  # kept for the final evaluation
+PREVIOUS=configs/speedrun-adamw.yaml
+usage() { sed -n '2,20p' "$0"; }
 while [ $# -gt 0 ]; do
   case "$1" in
     --minutes) MINUTES="$2"; shift 2 ;;
+    --arms) ARMS="$2"; shift 2 ;;
     --data) DATA="$2"; shift 2 ;;
     --config) CONFIG="$2"; shift 2 ;;
-    --baseline) BASELINE=1; shift ;;
+    --previous) PREVIOUS="$2"; shift 2 ;;
     --skip-setup) SETUP=0; shift ;;
-    -h|--help) sed -n '2,15p' "$0"; exit 0 ;;
+    -h|--help) usage; exit 0 ;;
     *) echo "speedrun: unknown argument $1 (see --help)" >&2; exit 2 ;;
   esac
 done
+case "$MINUTES" in
+  ''|*[!0-9.]*|*.*.*) echo "speedrun: --minutes must be a positive number, got '$MINUTES'" >&2; exit 2 ;;
+esac
+IFS=, read -r -a ARM_LIST <<< "$ARMS"
+for arm in "${ARM_LIST[@]}"; do
+  case "$arm" in
+    ours|previous|baseline) ;;
+    *) echo "speedrun: unknown arm '$arm' in --arms (ours, previous, baseline)" >&2; exit 2 ;;
+  esac
+done
+for f in "$CONFIG" $([[ ",$ARMS," == *,previous,* ]] && echo "$PREVIOUS"); do
+  [ -f "$f" ] || { echo "speedrun: config $f not found" >&2; exit 2; }
+done
 
 if [ "$SETUP" = 1 ]; then
-  if [ "$BASELINE" = 1 ]; then EXTRAS=torch bash scripts/setup.sh; else bash scripts/setup.sh; fi
+  if [[ ",$ARMS," == *,baseline,* ]]; then EXTRAS=torch bash scripts/setup.sh; else bash scripts/setup.sh; fi
 fi
 PY=.venv/bin/python
 START=$(date +%s)
 elapsed() { echo $(( $(date +%s) - START )); }
-read_cfg() { $PY -c "from src.config import load_config; c = load_config('$CONFIG'); print($1)"; }
-VOCAB=$(read_cfg c.model.vocab_size)
-TOKENIZER=$(read_cfg c.data.tokenizer_path)
-DATASET=$(dirname "$(read_cfg c.data.train_path)")
-RUN=$(read_cfg c.run_name)
-CKPT_DIR=$(read_cfg c.checkpoint.dir)/$RUN
-LOG_DIR=$(read_cfg c.logging.dir)/$RUN
-
+read_cfg() { $PY -c "from src.config import load_config; c = load_config('$1'); print($2)"; }
+BUDGET_S=$(awk "BEGIN { print int($MINUTES * 60) }")
+# the script's own folder (the runs' log folders are the trainer's)
+LOG_DIR=$(read_cfg "$CONFIG" c.logging.dir)/$(read_cfg "$CONFIG" c.run_name)-compare
+rm -rf "$LOG_DIR/arms" "$LOG_DIR/baseline"
+mkdir -p "$LOG_DIR/arms"
 mapfile -t FILES < <($PY -m src.data locate ${DATA:+--data "$DATA"})
-echo "== [$(elapsed)s] corpus: ${FILES[*]}"
-$PY -m src.tokenizer train --input "${FILES[@]}" --output "$TOKENIZER" --vocab-size "$VOCAB"
-$PY -m src.data prepare --input "${FILES[@]}" --tokenizer "$TOKENIZER" --output "$DATASET" \
-  --val-fraction 0.02
+echo "== [$(elapsed)s] corpus: ${FILES[*]}; arms: $ARMS, ${MINUTES} min each"
 
-TRAIN_S=$(awk "BEGIN { print int($MINUTES * 60 - $(elapsed) - $EVAL_RESERVE_S) }")
-if [ "$TRAIN_S" -lt 10 ]; then
-  echo "speedrun: only ${TRAIN_S}s left for training; raise --minutes" >&2
-  exit 2
-fi
-TRAIN_MIN=$(awk "BEGIN { print $TRAIN_S / 60 }")
-echo "== [$(elapsed)s] training $CONFIG for ${TRAIN_MIN} min"
-$PY -m src.train --config "$CONFIG" --overwrite --set "training.time_budget_minutes=$TRAIN_MIN"
-BASELINE_S=0
-if [ "$BASELINE" = 1 ]; then
-  echo "== [$(elapsed)s] baseline: nanoGPT-style GPT-2 in PyTorch, ${TRAIN_MIN} min of training"
-  B0=$(elapsed)
-  $PY scripts/baseline_gpt2.py --config "$CONFIG" --minutes "$TRAIN_MIN" --out "$LOG_DIR/baseline"
-  BASELINE_S=$(( $(elapsed) - B0 ))
-fi
-echo "== [$(elapsed)s] evaluation and report"
-$PY scripts/speedrun_report.py "$LOG_DIR" --checkpoint "$CKPT_DIR/latest"
-echo "speedrun: $(( $(elapsed) - BASELINE_S ))s of the $(awk "BEGIN { print $MINUTES * 60 }")s" \
-  "budget (data, training, evaluation; the baseline's ${BASELINE_S}s of training not counted)"
+declare -A PREPARED=()  # tokenizer path -> seconds its data took
+prepare() {  # the tokenizer and token files of config $1 (once per tokenizer path)
+  local tok; tok=$(read_cfg "$1" c.data.tokenizer_path)
+  FRESH=0
+  if [ -z "${PREPARED[$tok]:-}" ]; then
+    FRESH=1
+    local t0; t0=$(elapsed)
+    $PY -m src.tokenizer train --input "${FILES[@]}" --output "$tok" \
+      --vocab-size "$(read_cfg "$1" c.model.vocab_size)"
+    $PY -m src.data prepare --input "${FILES[@]}" --tokenizer "$tok" \
+      --output "$(dirname "$(read_cfg "$1" c.data.train_path)")" --val-fraction 0.02
+    PREPARED[$tok]=$(( $(elapsed) - t0 ))
+  fi
+  DATA_S=${PREPARED[$tok]}
+}
+train_seconds() {  # what is left of an arm's minutes after data ($1 s) and evaluation ($2 s)
+  local s; s=$(( BUDGET_S - $1 - $2 ))
+  if [ "$s" -lt 10 ]; then
+    echo "speedrun: only ${s}s left for training after ${1}s of data and ${2}s" \
+      "kept for evaluation; raise --minutes" >&2
+    exit 2
+  fi
+  echo "$s"
+}
+
+RESULTS=()
+for arm in "${ARM_LIST[@]}"; do
+  A0=$(elapsed)
+  case "$arm" in
+    ours|previous)
+      cfg=$CONFIG; [ "$arm" = previous ] && cfg=$PREVIOUS
+      prepare "$cfg"
+      EVAL_S=$($PY scripts/speedrun_report.py estimate --config "$cfg")
+      TRAIN_S=$(train_seconds "$DATA_S" "$EVAL_S")
+      echo "== [$(elapsed)s] $arm: $cfg, ${TRAIN_S}s of training (${DATA_S}s data, ${EVAL_S}s kept for evaluation)"
+      T0=$(elapsed)
+      $PY -m src.train --config "$cfg" --overwrite \
+        --set "training.time_budget_minutes=$(awk "BEGIN { print $TRAIN_S / 60 }")"
+      T1=$(elapsed)
+      CKPT=$(read_cfg "$cfg" c.checkpoint.dir)/$(read_cfg "$cfg" c.run_name)/latest
+      $PY scripts/speedrun_report.py score --checkpoint "$CKPT" --label "$arm ($cfg)" \
+        --out "$LOG_DIR/arms/$arm.json" --train-seconds $(( T1 - T0 ))
+      echo "== [$(elapsed)s] $arm: training took $(( T1 - T0 ))s of ${TRAIN_S}s," \
+        "evaluation $(( $(elapsed) - T1 ))s of ${EVAL_S}s"
+      ;;
+    baseline)
+      prepare "$CONFIG"
+      EVAL_S=$($PY scripts/speedrun_report.py estimate --config "$CONFIG" --baseline)
+      TRAIN_S=$(train_seconds "$DATA_S" "$EVAL_S")
+      echo "== [$(elapsed)s] baseline: nanoGPT-style GPT-2 in PyTorch, ${TRAIN_S}s of training"
+      T0=$(elapsed)
+      $PY scripts/baseline_gpt2.py --config "$CONFIG" \
+        --minutes "$(awk "BEGIN { print $TRAIN_S / 60 }")" --out "$LOG_DIR/baseline"
+      T1=$(elapsed)
+      $PY scripts/speedrun_report.py score --baseline "$LOG_DIR/baseline" \
+        --tokenizer "$(read_cfg "$CONFIG" c.data.tokenizer_path)" \
+        --label "nanoGPT-style baseline" --out "$LOG_DIR/arms/baseline.json"
+      echo "== [$(elapsed)s] baseline: training took $(( T1 - T0 ))s of ${TRAIN_S}s," \
+        "evaluation $(( $(elapsed) - T1 ))s of ${EVAL_S}s"
+      ;;
+  esac
+  USED=$(( $(elapsed) - A0 ))  # + the data made for an earlier arm, as if made now
+  [ "$FRESH" = 1 ] || USED=$(( USED + DATA_S ))
+  echo "speedrun: $arm: ${USED}s of its ${BUDGET_S}s (data ${DATA_S}s, training," \
+    "evaluation)"
+  RESULTS+=("$LOG_DIR/arms/$arm.json")
+done
+$PY scripts/speedrun_report.py table "${RESULTS[@]}" --out-dir "$LOG_DIR"
+echo "speedrun: $(elapsed)s in all for ${#ARM_LIST[@]} arm(s) of ${BUDGET_S}s"

@@ -163,6 +163,14 @@ class ModelConfig:
     matformer_widths: list[float] = field(
         default_factory=list, metadata={"check": _fractions}
     )
+    # the 2025-26 small-model recipe (src/model/transformer.py): value embeddings
+    # (v += ve(tokens) in the last layer and every second one before it), residual
+    # output projections initialised at zero, logits c * tanh(logits / c) (0: off),
+    # and per-layer learned scalars h = a * h + b * x0 before each block
+    value_embeddings: bool = False
+    zero_init_residual: bool = False
+    logit_softcap: float = num(0.0, ge=1e-3, le=1e6, off=0)
+    residual_scalars: bool = False
 
     @property
     def gated(self) -> bool:
@@ -179,6 +187,11 @@ class ModelConfig:
             return None
         last = i == self.n_layers - 1
         return None if last or (i + 1) % self.global_every == 0 else self.sliding_window
+
+    def value_embedding(self, i: int) -> bool:
+        """Whether layer i has a value embedding (the last and every second one
+        before it)."""
+        return self.value_embeddings and (self.n_layers - 1 - i) % 2 == 0
 
     @property
     def kv_heads(self) -> int:
@@ -206,7 +219,10 @@ class ModelConfig:
         norms = (2 * d if self.norm != "none" else 0) + (2 * hd if self.qk_norm else 0)
         embed = self.vocab_size * d * (1 if self.tie_embeddings else 2)
         final = d if self.final_norm else 0
-        return self.n_layers * (attn + mlp + norms) + embed + final
+        ve = self.vocab_size * self.kv_heads * hd  # a table per value-embedding layer
+        extra = sum(map(self.value_embedding, range(self.n_layers))) * ve
+        extra += 2 * self.n_layers if self.residual_scalars else 0
+        return self.n_layers * (attn + mlp + norms) + embed + final + extra
 
 
 @dataclass

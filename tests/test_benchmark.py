@@ -8,6 +8,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -40,6 +42,12 @@ def test_workers_agree_take_turns_and_report(tmp_path):
     first, table_head = md.splitlines()[0], md.split("**(tiny)")[1].splitlines()[0]
     assert machine["cpu_model"] in first and machine["cpu_model"] in table_head
     assert f"Machine: {machine['cpu_model']}" in md
+    # the defaults: fp32, everything on the CPU, the 2048³ fp32 ceiling
+    report = json.loads((tmp_path / "bench.json").read_text())
+    assert report["devices"] == {"mlx": "Device(cpu, 0)", "torch": "cpu"}
+    assert res["precision"] == "fp32" and res["torch"]["device"] == "cpu"
+    assert res["gemm_size"] == {"mlx": 2048, "torch": 2048}
+    assert "(grad_accum 1), fp32; GEMM ceiling (2048³ fp32, best of" in table_head
 
 
 def test_unknown_shape_is_a_usage_error():
@@ -180,3 +188,126 @@ def test_unknown_flag_and_bad_values_are_one_error_line(tmp_path):
     out = str(tmp_path / "file" / "bench")
     line = one_error(run_benchmark("--shapes", "tiny", "--out", out))
     assert line.startswith("error: output directory") and "not writable" in line
+
+
+# ------------------------------------------------ precision, devices, the medium shape
+
+
+def test_bf16_on_the_cpu_runs_and_says_so(tmp_path):
+    """--precision bf16: our step in bf16 compute, torch under autocast(bf16), the
+    ceiling GEMM in bf16 (small here: bf16 GEMMs have no fast CPU kernel)."""
+    proc = run_benchmark("--shapes", "tiny", "--impls", "ours", "torch",
+                         "--precision", "bf16", "--gemm-size", "128", "--rounds", "1",
+                         "--warmup", "1", "--out", str(tmp_path / "bench"),
+                         timeout=600)  # fmt: skip
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    report = json.loads((tmp_path / "bench.json").read_text())
+    res, rows = report["tiny"], report["tiny"]["results"]
+    assert res["precision"] == "bf16"
+    assert res["gemm_size"] == {"mlx": 128, "torch": 128}
+    assert all(v > 0 for v in res["gemm_gflops"].values())
+    assert report["devices"] == {"mlx": "Device(cpu, 0)", "torch": "cpu"}
+    for impl in ("ours", "torch"):
+        assert rows[impl]["tok_s"] > 0 and rows[impl]["mfu"] > 0, rows[impl]
+    losses = [rows[k]["loss1"] for k in ("ours", "torch")]  # bf16 rounding apart
+    assert abs(losses[0] - losses[1]) < 0.05, losses
+    assert abs(losses[0] - math.log(256)) < 0.5
+    # machine.summary's ceiling is the 2048³ fp32 one: not overwritten by this one
+    assert "gemm_gflops" not in report["machine"]
+    head = (tmp_path / "bench.md").read_text().split("**(tiny)")[1].splitlines()[0]
+    assert "(grad_accum 1), bf16; GEMM ceiling (128³ bf16, best of" in head
+
+
+def test_torch_on_cuda_without_cuda_is_one_error_line():
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    line = one_error(run_benchmark("--shapes", "tiny", "--impls", "ours", "torch",
+                                   "--torch-device", "cuda"))  # fmt: skip
+    assert line.startswith("error: --torch-device cuda:") and "CUDA" in line, line
+    assert "usage:" not in line
+
+
+def test_breakdown_is_fp32_with_torch_on_the_cpu():
+    line = one_error(run_benchmark("--breakdown", "--precision", "bf16"))
+    assert "--breakdown times fp32 components" in line
+    line = one_error(run_benchmark("--breakdown", "--torch-device", "cuda"))
+    assert "--breakdown times fp32 components" in line
+    assert "--precision" in one_error(run_benchmark("--precision", "fp16"))
+    assert "--gemm-size" in one_error(run_benchmark("--gemm-size", "8"))
+
+
+def test_medium_shape_is_listed_and_about_124m_parameters():
+    sys.path.insert(0, str(ROOT / "scripts"))
+    from benchmark import shape_sets
+
+    from src.config import config_from_dict
+
+    help_text = run_benchmark("--help").stdout
+    assert "--precision" in help_text and "--torch-device" in help_text
+    assert "medium" in help_text.split("--shapes")[1].split("--impls")[0]
+    desc, spec = shape_sets()["medium"]
+    cfg = config_from_dict(spec)  # the config alone: no model is built
+    assert 120e6 < cfg.model.num_params() < 130e6, cfg.model.num_params()
+    assert (cfg.training.batch_size, cfg.model.context_length) == (8, 1024)
+    assert "124M" in desc
+
+
+def test_gemm_ceiling_size_follows_the_device_and_dtype():
+    sys.path.insert(0, str(ROOT / "scripts"))
+    from bench_common import best_gflops, gemm_size
+
+    assert gemm_size(True, "bf16") == gemm_size(True, "fp32") == 8192
+    assert gemm_size(False, "fp32") == 2048 and gemm_size(False, "bf16") == 1024
+    calls = []
+    assert best_gflops(lambda: calls.append(1), n=64, reps=3) > 0
+    assert len(calls) == 4  # one untimed, then the repeats
+
+
+def test_gpu_headers_name_the_devices():
+    """The table header of a GPU run names each framework's device and the
+    ceiling in the compute dtype (formatting only: no GPU needed)."""
+    sys.path.insert(0, str(ROOT / "scripts"))
+    from benchmark import device_label, table
+
+    from src.backend.machine import describe, short
+
+    machine = describe()
+    cpu = {"mlx": "Device(cpu, 0)", "torch": "cpu"}
+    assert device_label(machine, cpu) == short(machine)
+    gpu = {"mlx": "Device(gpu, 0) (NVIDIA H200)", "torch": "cuda (NVIDIA H200)"}
+    where = device_label(machine, gpu)
+    assert where == "mlx on Device(gpu, 0) (NVIDIA H200), torch on cuda (NVIDIA H200)"
+    row = dict(tok_s=1e5, step_s=0.08, n=3, mfu=0.4, rss_peak=2**30, mlx_peak=2**33,
+               loss1=10.4, warmup_s=20.0)  # fmt: skip
+    res = dict(params=123.7e6, batch=8, context=1024, precision="bf16",
+               gemm_size={"mlx": 8192, "torch": 8192},
+               gemm_gflops={"mlx": 700e3, "torch": 750e3},
+               results={"ours": row, "torch": row}, ratios={"ours/torch": 1.0})  # fmt: skip
+    head = table("medium", "configs/medium.yaml", res, where).splitlines()[0]
+    assert head.startswith(f"**(medium) configs/medium.yaml** on {where}: 123.7M")
+    assert "bf16; GEMM ceiling (8192³ bf16, best of MLX / torch): 700000" in head
+    res["gemm_size"] = {"mlx": 8192, "torch": 2048}
+    head = table("medium", "configs/medium.yaml", res, where).splitlines()[0]
+    assert "GEMM ceiling (mlx 8192³ / torch 2048³ bf16," in head
+
+
+def test_bf16_against_torch_on_cuda(tmp_path):
+    """Where PyTorch sees a GPU: the tiny shape in bf16 with torch on it."""
+    import torch
+
+    if not torch.cuda.is_available():
+        pytest.skip("no CUDA here")
+    proc = run_benchmark("--shapes", "tiny", "--impls", "ours", "torch",
+                         "--precision", "bf16", "--torch-device", "cuda",
+                         "--gemm-size", "1024", "--rounds", "2", "--warmup", "1",
+                         "--out", str(tmp_path / "bench"), timeout=600)  # fmt: skip
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    report = json.loads((tmp_path / "bench.json").read_text())
+    assert report["devices"]["torch"].startswith("cuda (")
+    rows = report["tiny"]["results"]
+    assert abs(rows["ours"]["loss1"] - rows["torch"]["loss1"]) < 0.05, rows
+    assert (
+        f"torch on {report['devices']['torch']}" in (tmp_path / "bench.md").read_text()
+    )

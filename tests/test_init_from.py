@@ -323,7 +323,9 @@ def test_model_options_come_from_the_source(tiny_dataset, tiny_config, tmp_path)
     from src.model.transformer import Model
     from src.train.init_from import resolve_config
 
-    options = dict(mlp="geglu", norm="layernorm", norm_position="post")
+    options = dict(mlp="geglu", norm="layernorm", norm_position="post",
+                   value_embeddings=True, residual_scalars=True, logit_softcap=15.0,
+                   sliding_window=8, global_every=2, moe_experts=2, moe_top_k=1)  # fmt: skip
     cfg = tiny_config(vocab_size=512, d_model=32, **options)
     sha = load_tokenizer(tiny_dataset["tokenizer"]).sha256
     weights = dict(tree_flatten(Model(cfg.model).parameters()))

@@ -321,13 +321,38 @@ def test_newton_schulz_spread_over_streams_changes_no_bit(tiny_config):
     train(m2, o2, s2, data)
     for (k, a), (_, b) in zip(tree_flatten(m1.parameters()), tree_flatten(m2.parameters())):  # fmt: skip
         assert mx.array_equal(a, b).item(), (k, max_diff(a, b))
-    where = o2._spread(m2.trainable_parameters())
-    assert set(where) == {k for k, v in tree_flatten(o2.route) if v}
+    params = dict(tree_flatten(m2.trainable_parameters()))
+    batches_ = o2._spread(params)
+    paths = [k for _, group in batches_ for k in group]
+    assert sorted(paths) == sorted(k for k, v in tree_flatten(o2.route) if v)
     load = {s: 0 for s in o2.streams}
-    for k, p in tree_flatten(m2.trainable_parameters()):
-        if k in where:
-            load[where[k]] += ns_flops(p.shape)
+    for stream, group in batches_:
+        assert len({tuple(sorted(params[k].shape[-2:])) for k in group}) == 1, group
+        load[stream] += sum(ns_flops(params[k].shape) for k in group)
     assert min(load.values()) > 0.5 * max(load.values()), load
+
+
+def test_matrices_of_one_shape_are_one_newton_schulz_batch(tiny_config):
+    """Wide and tall matrices of the same shape share a batch: each matrix's
+    update equals Newton-Schulz of its own momentum alone."""
+    cfg = tiny_config(MUON, vocab_size=61, context_length=16)
+    model = Model(cfg.model)
+    opt = build_optimizer(model, cfg.training)
+    params = dict(tree_flatten(model.trainable_parameters()))
+    grads = {k: mx.random.normal(p.shape, key=mx.random.key(i))
+             for i, (k, p) in enumerate(params.items())}  # fmt: skip
+    batches_ = opt._spread(grads)
+    assert len(batches_) < sum(len(g) for _, g in batches_)  # some stacking happened
+    updates = opt._muon_updates(grads, params)
+    mu = opt.momentum
+    for k, u in updates.items():
+        g = grads[k]
+        want = newton_schulz(mu * (1 - mu) * g + (1 - mu) * g)
+        assert u.shape == g.shape
+        assert np.allclose(np.array(u), np.array(want), atol=2e-5), (
+            k,
+            max_diff(u, want),
+        )
 
 
 def test_resume_is_bit_exact(tiny_config, tmp_path):

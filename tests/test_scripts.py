@@ -64,7 +64,9 @@ def test_ablate_script_prints_a_row_per_change(tmp_path, tiny_dataset):
             f"data.val_path={tiny_dataset['val']}",
             f"data.tokenizer_path={tiny_dataset['tokenizer']}",
             "eval.interval=3", "eval.max_tokens=512", "eval.sample_tokens=0",
-            "checkpoint.interval=0"]  # fmt: skip
+            "checkpoint.interval=0",
+            # a config's time budget does not replace --steps
+            "training.time_budget_minutes=5"]  # fmt: skip
     cmd = [sys.executable, "scripts/ablate.py", "--config", "configs/tiny.yaml",
            "--steps", "3", "--no-default-rows", "--dir", str(tmp_path / "runs"),
            "--row", "base: ", "--row", "relu2: model.mlp=relu2",

@@ -293,6 +293,8 @@ def model_card(
     ]
     for i, src in enumerate(facts.inputs):
         out.append(_row("made from" if i == 0 else "", src))
+    if m.zero_init_residual:  # the only training-time model option a card shows
+        out.append(_row("initialisation", "residual output projections at zero"))
     if facts.world_size is not None:
         out.append(_row("data-parallel ranks", facts.world_size))
     if facts.imported_from:

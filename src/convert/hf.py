@@ -7,8 +7,10 @@ weight`, ...), so every direction is a dictionary copy plus a config translation
 `model_type` llama, or qwen3 (Llama + per-head QK-norm before RoPE) when QK-norm is
 on; `model.mlp` geglu is `hidden_act` "gelu" (exact GELU, transformers computes it;
 mlx-lm's llama always computes SiLU, so the export warns). The other model options
-(plain MLPs, layernorm, no norm, post-norm, no RoPE) have no Llama/Qwen3 form and
-are refused (`--to torch` exports them). A mixture of experts (`model.moe_experts`,
+(plain MLPs, layernorm, no norm, post-norm, no RoPE, value embeddings, a logit
+softcap, residual scalars) have no Llama/Qwen3 form and are refused (`--to torch`
+exports them); `zero_init_residual` only sets the initial weights, so a model
+trained with it is a plain Llama. A mixture of experts (`model.moe_experts`,
 SwiGLU experts only) is `mixtral`, or `qwen3_moe` with QK-norm (its
 norm_topk_prob routing is ours); their expert weights are written one tensor
 per expert, the layout of the models on the Hub (`hf_weights`), which
@@ -59,7 +61,7 @@ ARCHITECTURES = {
 }
 HF_DTYPE_NAMES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
 # ModelConfig fields that only matter for training: no inference format needs them.
-TRAINING_ONLY = {"dropout", "init_std", "gradient_checkpointing"}
+TRAINING_ONLY = {"dropout", "init_std", "gradient_checkpointing", "zero_init_residual"}
 PROBE = "Once upon a time, 12 cats  sat\ton a mat.\n<|user|>Hi! héllo 日本<|end|>"
 
 
@@ -73,7 +75,7 @@ def hf_config(cfg: Config, dtype: str, step: int | None, experts: bool = False) 
     known |= {"sliding_window", "global_every", "matformer_widths"}
     default = ModelConfig()
     odd = [
-        f"model.{k}={v}"
+        f"model.{k}={str(v).lower() if isinstance(v, bool) else v}"
         for k, v in vars(m).items()
         if k not in known and v != getattr(default, k, 0)
     ]

@@ -15,7 +15,11 @@ weight dictionary, key for key) and the same math:
   (post: norm(x + f(x)), no final norm), `position` (none: no RoPE),
   `sliding_window` (a local layer's query sees the last W positions only) and
   `moe_experts` (a routed mixture of experts per FFN: softmax router in fp32,
-  top-k, weights renormalised; a plain loop over the experts).
+  top-k, weights renormalised; a plain loop over the experts);
+- the recipe options: `value_embeddings` (layer i with (n_layers - 1 - i) even
+  adds its `value_embed(tokens)` to the values), `logit_softcap` (c * tanh(z / c)
+  in fp32) and `residual_scalars` (h = a * h + b * x0 before each block, x0 the
+  embedding output); `zero_init_residual` is initialisation only, nothing here.
 
 It is written for clarity, not speed: `generate_greedy` re-runs the whole window for
 every new token (no KV cache), which makes it an independent check of the cached MLX
@@ -111,11 +115,12 @@ class Attention(nn.Module):
             self.q_norm = RMSNorm(hd, cfg.norm_eps)
             self.k_norm = RMSNorm(hd, cfg.norm_eps)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, ve: torch.Tensor | None = None) -> torch.Tensor:
         B, L, _ = x.shape
         q = self.q_proj(x).view(B, L, self.n_heads, self.head_dim)
         k = self.k_proj(x).view(B, L, self.n_kv_heads, self.head_dim)
-        v = self.v_proj(x).view(B, L, self.n_kv_heads, self.head_dim)
+        v = self.v_proj(x) if ve is None else self.v_proj(x) + ve
+        v = v.view(B, L, self.n_kv_heads, self.head_dim)
         if self.qk_norm:
             q, k = self.q_norm(q), self.k_norm(k)
         q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # (B, H, L, hd)
@@ -212,12 +217,21 @@ class Block(nn.Module):
         self.post_attention_layernorm = make_norm(cfg, cfg.d_model)
         self.mlp = MoE(cfg) if cfg.moe_experts else MLP(cfg)
         self.post_norm = cfg.norm_position == "post"
+        if cfg.value_embedding(index):
+            self.value_embed = nn.Embedding(cfg.vocab_size, cfg.kv_heads * cfg.head_dim)
+        if cfg.residual_scalars:  # (a, b)
+            self.residual_scalars = nn.Parameter(torch.tensor([1.0, 0.0]))
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(
+        self, x: torch.Tensor, tokens: torch.Tensor, x0: torch.Tensor
+    ) -> torch.Tensor:
+        if hasattr(self, "residual_scalars"):  # a * x + b * x0
+            x = self.residual_scalars[0] * x + self.residual_scalars[1] * x0
+        ve = self.value_embed(tokens) if hasattr(self, "value_embed") else None
         if self.post_norm:  # norm(x + f(x))
-            h = self.input_layernorm(x + self.self_attn(x))
+            h = self.input_layernorm(x + self.self_attn(x, ve))
             return self.post_attention_layernorm(h + self.mlp(h))
-        h = x + self.self_attn(self.input_layernorm(x))
+        h = x + self.self_attn(self.input_layernorm(x), ve)
         return h + self.mlp(self.post_attention_layernorm(h))
 
 
@@ -229,9 +243,9 @@ class Backbone(nn.Module):
         self.norm = make_norm(cfg, cfg.d_model) if cfg.final_norm else nn.Identity()
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
-        h = self.embed_tokens(tokens)  # (B, L, D)
+        h = x0 = self.embed_tokens(tokens)  # (B, L, D)
         for layer in self.layers:
-            h = layer(h)
+            h = layer(h, tokens, x0)
         return self.norm(h)
 
 
@@ -248,8 +262,12 @@ class Model(nn.Module):
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
         h = self.model(tokens)
         if self.config.tie_embeddings:
-            return F.linear(h, self.model.embed_tokens.weight)
-        return self.lm_head(h)
+            logits = F.linear(h, self.model.embed_tokens.weight)
+        else:
+            logits = self.lm_head(h)
+        if c := self.config.logit_softcap:  # in fp32
+            logits = c * torch.tanh(logits.float() / c)
+        return logits
 
 
 def load(path) -> Model:

@@ -16,6 +16,17 @@ norm(x + f(x)), with no final norm (the last block's output is normalized);
 query sees the last W positions), the others global; `moe_experts` makes each
 FFN a routed mixture of experts (`src.model.moe`).
 
+The 2025-26 small-model recipe (modded-nanogpt, nanochat), also off by default:
+`value_embeddings` gives the last layer and every second one before it its own
+token table `value_embed` (vocab x kv_heads*head_dim) added to the attention's
+values, v = v + ve(tokens) (before the KV cache, so cached values include it);
+`zero_init_residual` starts every residual output projection (o_proj, down_proj,
+the experts' down_proj) at exactly zero, so each block starts as the identity;
+`logit_softcap` c > 0 makes the logits c * tanh(logits / c), in fp32 (Gemma 2);
+`residual_scalars` mixes the embedding output x0 back in before each block i,
+h = a_i * h + b_i * x0, with a learned (2,) `residual_scalars` = (a_i, b_i)
+starting at (1, 0).
+
 `model(tokens)` returns logits; `model.routed(tokens)` returns (logits, one
 `Routing` per MoE layer: its load-balancing loss and expert load), which the
 training loss and the validation read (`src.model.loss`). `moe_aux_loss`, a
@@ -92,12 +103,22 @@ class Attention(nn.Module):
         if cfg.position == "rope":
             self.rope = nn.RoPE(hd, traditional=False, base=cfg.rope_theta)
 
-    def __call__(self, x: mx.array, mask: Any = None, cache: Any = None) -> mx.array:
+    def __call__(
+        self,
+        x: mx.array,
+        mask: Any = None,
+        cache: Any = None,
+        ve: mx.array | None = None,
+    ) -> mx.array:
+        """`ve` (B, L, kv_heads*head_dim), if given, is added to the values."""
         B, L, _ = x.shape
         # (B, L, H*hd) -> (B, L, H, hd); QK-norm acts per head before RoPE
         q = self.q_proj(x).reshape(B, L, self.n_heads, self.head_dim)
         k = self.k_proj(x).reshape(B, L, self.n_kv_heads, self.head_dim)
-        v = self.v_proj(x).reshape(B, L, self.n_kv_heads, self.head_dim)
+        v = self.v_proj(x)
+        if ve is not None:  # model.value_embeddings
+            v = v + ve
+        v = v.reshape(B, L, self.n_kv_heads, self.head_dim)
         if "q_norm" in self:
             q, k = self.q_norm(q), self.k_norm(k)
         q, k, v = (t.transpose(0, 2, 1, 3) for t in (q, k, v))  # (B, H, L, hd)
@@ -146,7 +167,9 @@ class MLP(nn.Module):
 
 class Block(nn.Module):
     """Pre-norm: h = x + attn(norm1(x)), h + mlp(norm2(h)); post-norm: h =
-    norm1(x + attn(x)), norm2(h + mlp(h)) (norm1, norm2 keep Llama's names)."""
+    norm1(x + attn(x)), norm2(h + mlp(h)) (norm1, norm2 keep Llama's names).
+    With residual scalars x is first a * x + b * x0; with a value embedding the
+    attention's values get value_embed(tokens) added."""
 
     def __init__(self, cfg: ModelConfig, index: int = 0):
         super().__init__()
@@ -157,19 +180,34 @@ class Block(nn.Module):
         self.mlp = MoE(cfg, act) if cfg.moe_experts else MLP(cfg)
         self.dropout = nn.Dropout(cfg.dropout)
         self.post_norm = cfg.norm_position == "post"
+        if cfg.value_embedding(index):
+            self.value_embed = nn.Embedding(cfg.vocab_size, cfg.kv_heads * cfg.head_dim)
+        if cfg.residual_scalars:
+            self.residual_scalars = mx.array([1.0, 0.0])  # (a, b): a * h + b * x0
 
     def __call__(self, x: mx.array, mask: Any = None, cache: Any = None) -> mx.array:
         return self.routed(x, mask, cache)[0]
 
     def routed(
-        self, x: mx.array, mask: Any = None, cache: Any = None
+        self,
+        x: mx.array,
+        mask: Any = None,
+        cache: Any = None,
+        tokens: mx.array | None = None,
+        x0: mx.array | None = None,
     ) -> tuple[mx.array, Routing | None]:
-        """(the block's output, its MoE routing; None for a dense FFN)."""
+        """(the block's output, its MoE routing; None for a dense FFN). `tokens`
+        (B, L) feed a value embedding, `x0` (B, L, D) the residual scalars."""
+        if "residual_scalars" in self:
+            a, b = self.residual_scalars[0], self.residual_scalars[1]
+            x = a * x + b * x0
+        ve = self.value_embed(tokens) if "value_embed" in self else None
         if self.post_norm:
-            h = self.input_layernorm(x + self.dropout(self.self_attn(x, mask, cache)))
+            attn = self.self_attn(x, mask, cache, ve)
+            h = self.input_layernorm(x + self.dropout(attn))
             y, routing = self._ffn(h)
             return self.post_attention_layernorm(h + self.dropout(y)), routing
-        h = x + self.dropout(self.self_attn(self.input_layernorm(x), mask, cache))
+        h = x + self.dropout(self.self_attn(self.input_layernorm(x), mask, cache, ve))
         y, routing = self._ffn(self.post_attention_layernorm(h))
         return h + self.dropout(y), routing
 
@@ -190,6 +228,7 @@ class Backbone(nn.Module):
         self.norm = make_norm(cfg, cfg.d_model) if cfg.final_norm else nn.Identity()
         self.dropout = nn.Dropout(cfg.dropout)
         self.checkpoint_blocks = cfg.gradient_checkpointing
+        self.keeps_x0 = cfg.residual_scalars  # x0 for the blocks' residual scalars
 
     def __call__(self, tokens: mx.array, cache: list | None = None) -> mx.array:
         return self.routed(tokens, cache)[0]
@@ -199,6 +238,7 @@ class Backbone(nn.Module):
     ) -> tuple[mx.array, list[Routing]]:
         """(final hidden states (B, L, D), the MoE layers' routings in order)."""
         h = self.dropout(self.embed_tokens(tokens))  # (B, L, D)
+        x0 = h if self.keeps_x0 else None
         routings = []
         # With a cache, the mask covers the whole cached prefix (and its padding);
         # one mask per attention window, from the first cache of that window.
@@ -215,25 +255,27 @@ class Backbone(nn.Module):
                 )
             mask = masks[window]
             if self.checkpoint_blocks and self.training:
-                h, routing = _checkpointed(layer, h, mask)
+                h, routing = _checkpointed(layer, h, mask, tokens, x0)
             else:
-                h, routing = layer.routed(h, mask, layer_cache)
+                h, routing = layer.routed(h, mask, layer_cache, tokens, x0)
             if routing is not None:
                 routings.append(routing)
         return self.norm(h), routings
 
 
 def _checkpointed(
-    layer: Block, h: mx.array, mask: Any
+    layer: Block, h: mx.array, mask: Any, tokens: mx.array, x0: mx.array | None
 ) -> tuple[mx.array, Routing | None]:
-    """Run a block without keeping its activations; they are recomputed in backward."""
+    """Run a block without keeping its activations; they are recomputed in backward.
+    x0 is an input (not captured): the checkpoint returns gradients for inputs only."""
 
-    def inner(params, h):
+    def inner(params, h, *x0):
         layer.update(params)
-        out, routing = layer.routed(h, mask)
+        out, routing = layer.routed(h, mask, None, tokens, *x0)
         return (out,) if routing is None else (out, *routing)
 
-    out, *routing = mx.checkpoint(inner)(layer.trainable_parameters(), h)
+    extra = () if x0 is None else (x0,)
+    out, *routing = mx.checkpoint(inner)(layer.trainable_parameters(), h, *extra)
     return out, Routing(*routing) if routing else None
 
 
@@ -259,12 +301,18 @@ class Model(nn.Module):
         """(logits (B, L, vocab), one Routing per MoE layer; [] when dense)."""
         h, routings = self.model.routed(tokens, cache)
         if self.config.tie_embeddings:
-            return self.model.embed_tokens.as_linear(h), routings
-        return self.lm_head(h), routings
+            logits = self.model.embed_tokens.as_linear(h)
+        else:
+            logits = self.lm_head(h)
+        if c := self.config.logit_softcap:  # fp32 whatever the compute dtype
+            logits = c * mx.tanh(logits.astype(mx.float32) / c)
+        return logits, routings
 
     def _init_weights(self, cfg: ModelConfig) -> None:
         # N(0, std) everywhere; residual output projections scaled by 1/sqrt(2*layers)
-        # so the residual stream's variance does not grow with depth (GPT-2).
+        # so the residual stream's variance does not grow with depth (GPT-2), or
+        # zero (zero_init_residual; drawn all the same, so the other weights are the
+        # default model's). Gains (norms, residual scalars) keep their values.
         std = cfg.init_std
         resid_std = std / math.sqrt(2 * cfg.n_layers)
         init = nn.init.normal(0.0, std)
@@ -274,7 +322,8 @@ class Model(nn.Module):
             if p.ndim < 2:  # norm weights stay at 1
                 return p
             if path.endswith(("o_proj.weight", "down_proj.weight")):
-                return init_resid(p)
+                w = init_resid(p)
+                return mx.zeros_like(w) if cfg.zero_init_residual else w
             return init(p)
 
         flat = tree_flatten(self.parameters())

@@ -57,6 +57,13 @@ ARCH = {
     "norm": "norm",
     "norm_position": "norm_position",
     "position": "position",
+    "value_embeddings": "value_embeddings",
+    "logit_softcap": "logit_softcap",
+    "residual_scalars": "residual_scalars",
+    "sliding_window": "sliding_window",
+    "global_every": "global_every",
+    "moe_experts": "moe_experts",
+    "moe_top_k": "moe_top_k",
 }
 FREE = ("context_length",)  # taken from the source when left out, else as given
 
