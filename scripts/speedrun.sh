@@ -5,17 +5,18 @@
 #   bash scripts/speedrun.sh [--minutes 30] [--arms ours,previous,baseline]
 #                            [--config C] [--previous P] [--data PATH] [--skip-setup]
 #
-# Arms (each trained in turn, each with --minutes of wall time for its data,
-# training and final evaluation):
+# Arms (trained in turn, each inside --minutes of wall time for its data,
+# training and final evaluation, and all trained for the same time):
 #   ours      configs/speedrun.yaml (--config): today's recipe
 #   previous  configs/speedrun-adamw.yaml (--previous): the recipe before it
 #   baseline  scripts/baseline_gpt2.py: nanoGPT's GPT-2 in PyTorch at ours' sizes,
 #             on ours' token files (needs torch: setup installs it)
 # The clock starts after setup (venv, packages). A tokenizer and token files are
-# made once per tokenizer path; their time counts against each arm using them.
-# Each arm keeps back the time its evaluation will take (measured first:
-# `speedrun_report.py estimate`), and the trainer fixes its step count from a
-# short calibration, so the schedule ends on time. Every model is scored on
+# made once per tokenizer path, and each arm's evaluation cost is measured
+# (`speedrun_report.py estimate`), all first; every arm then trains for the same
+# seconds: its minutes less the longest data preparation and the dearest
+# evaluation. The trainer fixes its step count from a short calibration, so the
+# schedule ends on time. Every model is scored on
 # tinystories_valid.txt (in domain), WikiText-2 and Gutenberg (out of domain).
 # Results: logs/<ours' run>-compare/speedrun.md and .json; each arm's in arms/.
 set -euo pipefail
@@ -71,9 +72,7 @@ echo "== [$(elapsed)s] corpus: ${FILES[*]}; arms: $ARMS, ${MINUTES} min each"
 declare -A PREPARED=()  # tokenizer path -> seconds its data took
 prepare() {  # the tokenizer and token files of config $1 (once per tokenizer path)
   local tok; tok=$(read_cfg "$1" c.data.tokenizer_path)
-  FRESH=0
   if [ -z "${PREPARED[$tok]:-}" ]; then
-    FRESH=1
     local t0; t0=$(elapsed)
     $PY -m src.tokenizer train --input "${FILES[@]}" --output "$tok" \
       --vocab-size "$(read_cfg "$1" c.model.vocab_size)"
@@ -93,45 +92,53 @@ train_seconds() {  # what is left of an arm's minutes after data ($1 s) and eval
   echo "$s"
 }
 
+# Every arm trains for the same seconds: its minutes less the longest data
+# preparation and the dearest evaluation of the arms (each measured first).
+DATA_MAX=0 EVAL_MAX=0
+declare -A EVAL_EST=() EST_TOOK=()
+for arm in "${ARM_LIST[@]}"; do
+  cfg=$CONFIG; [ "$arm" = previous ] && cfg=$PREVIOUS
+  prepare "$cfg"
+  [ "$DATA_S" -le "$DATA_MAX" ] || DATA_MAX=$DATA_S
+  flag=""; [ "$arm" = baseline ] && flag=--baseline
+  E0=$(elapsed)
+  EVAL_EST[$arm]=$($PY scripts/speedrun_report.py estimate --config "$cfg" $flag)
+  EST_TOOK[$arm]=$(( $(elapsed) - E0 ))
+  [ "${EVAL_EST[$arm]}" -le "$EVAL_MAX" ] || EVAL_MAX=${EVAL_EST[$arm]}
+done
+TRAIN_S=$(train_seconds "$DATA_MAX" "$EVAL_MAX")
+TRAIN_MIN=$(awk "BEGIN { print $TRAIN_S / 60 }")
+echo "== [$(elapsed)s] every arm trains ${TRAIN_S}s: ${BUDGET_S}s less ${DATA_MAX}s of data" \
+  "and ${EVAL_MAX}s kept for the dearest evaluation (estimates: $(for a in "${!EVAL_EST[@]}"; do printf '%s %ss ' "$a" "${EVAL_EST[$a]}"; done))"
+
 RESULTS=()
 for arm in "${ARM_LIST[@]}"; do
-  A0=$(elapsed)
+  A0=$(elapsed) T0=$(elapsed)
   case "$arm" in
     ours|previous)
       cfg=$CONFIG; [ "$arm" = previous ] && cfg=$PREVIOUS
-      prepare "$cfg"
-      EVAL_S=$($PY scripts/speedrun_report.py estimate --config "$cfg")
-      TRAIN_S=$(train_seconds "$DATA_S" "$EVAL_S")
-      echo "== [$(elapsed)s] $arm: $cfg, ${TRAIN_S}s of training (${DATA_S}s data, ${EVAL_S}s kept for evaluation)"
-      T0=$(elapsed)
-      $PY -m src.train --config "$cfg" --overwrite \
-        --set "training.time_budget_minutes=$(awk "BEGIN { print $TRAIN_S / 60 }")"
+      echo "== [$(elapsed)s] $arm: $cfg, ${TRAIN_S}s of training"
+      $PY -m src.train --config "$cfg" --overwrite --set "training.time_budget_minutes=$TRAIN_MIN"
       T1=$(elapsed)
       CKPT=$(read_cfg "$cfg" c.checkpoint.dir)/$(read_cfg "$cfg" c.run_name)/latest
       $PY scripts/speedrun_report.py score --checkpoint "$CKPT" --label "$arm ($cfg)" \
         --out "$LOG_DIR/arms/$arm.json" --train-seconds $(( T1 - T0 ))
-      echo "== [$(elapsed)s] $arm: training took $(( T1 - T0 ))s of ${TRAIN_S}s," \
-        "evaluation $(( $(elapsed) - T1 ))s of ${EVAL_S}s"
       ;;
     baseline)
-      prepare "$CONFIG"
-      EVAL_S=$($PY scripts/speedrun_report.py estimate --config "$CONFIG" --baseline)
-      TRAIN_S=$(train_seconds "$DATA_S" "$EVAL_S")
       echo "== [$(elapsed)s] baseline: nanoGPT-style GPT-2 in PyTorch, ${TRAIN_S}s of training"
-      T0=$(elapsed)
-      $PY scripts/baseline_gpt2.py --config "$CONFIG" \
-        --minutes "$(awk "BEGIN { print $TRAIN_S / 60 }")" --out "$LOG_DIR/baseline"
+      $PY scripts/baseline_gpt2.py --config "$CONFIG" --minutes "$TRAIN_MIN" \
+        --out "$LOG_DIR/baseline"
       T1=$(elapsed)
       $PY scripts/speedrun_report.py score --baseline "$LOG_DIR/baseline" \
         --tokenizer "$(read_cfg "$CONFIG" c.data.tokenizer_path)" \
         --label "nanoGPT-style baseline" --out "$LOG_DIR/arms/baseline.json"
-      echo "== [$(elapsed)s] baseline: training took $(( T1 - T0 ))s of ${TRAIN_S}s," \
-        "evaluation $(( $(elapsed) - T1 ))s of ${EVAL_S}s"
       ;;
   esac
-  USED=$(( $(elapsed) - A0 ))  # + the data made for an earlier arm, as if made now
-  [ "$FRESH" = 1 ] || USED=$(( USED + DATA_S ))
-  echo "speedrun: $arm: ${USED}s of its ${BUDGET_S}s (data ${DATA_S}s, training," \
+  echo "== [$(elapsed)s] $arm: training took $(( T1 - T0 ))s of ${TRAIN_S}s," \
+    "evaluation $(( $(elapsed) - T1 ))s of ${EVAL_EST[$arm]}s estimated"
+  # its minutes: the data and its estimate, made up front, its training, evaluation
+  USED=$(( $(elapsed) - A0 + DATA_MAX + ${EST_TOOK[$arm]} ))
+  echo "speedrun: $arm: ${USED}s of its ${BUDGET_S}s (data ${DATA_MAX}s, training," \
     "evaluation)"
   RESULTS+=("$LOG_DIR/arms/$arm.json")
 done

@@ -29,6 +29,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+if "--baseline" in sys.argv:  # torch scores: the global OpenBLAS that `import src`
+    os.environ.setdefault("SLM_BLAS", "off")  # loads for MLX slows torch down
 import src  # noqa: F401,E402  (loads the optimized BLAS; must precede mlx)
 
 # isort: split
