@@ -27,7 +27,7 @@ ARMS=ours,previous,baseline
 SETUP=1
 CONFIG=configs/speedrun.yaml
 PREVIOUS=configs/speedrun-adamw.yaml
-usage() { sed -n '2,20p' "$0"; }
+usage() { sed -n '2,21p' "$0"; }
 while [ $# -gt 0 ]; do
   case "$1" in
     --minutes) MINUTES="$2"; shift 2 ;;
