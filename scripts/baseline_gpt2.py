@@ -45,7 +45,7 @@ import torch.nn.functional as F  # noqa: E402
 from torch import nn  # noqa: E402
 
 from src.config import load_config  # noqa: E402
-from src.data.tokens import TokenLoader  # noqa: E402
+from src.data.loader import TokenLoader  # noqa: E402
 from src.tokenizer.spm import Tokenizer  # noqa: E402
 
 CALIBRATION_STEPS = 30  # steps 6..30 are timed to fix the step count

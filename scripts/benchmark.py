@@ -529,7 +529,8 @@ def bench_shape(spec: dict, impls: list[str], args, tmp: Path) -> dict:
         rows[impl].update(step_s=med, tok_s=tok_s, mfu=mfu, n=len(times[impl]))
     res["results"] = rows
     tok = lambda k: rows.get(k, {}).get("tok_s", math.nan)  # noqa: E731
-    res["ratios"] = {f"ours/{k}": tok("ours") / tok(k) for k in IMPLS[2:]}
+    timed = [k for k in IMPLS[2:] if "tok_s" in rows.get(k, {})]  # not skipped
+    res["ratios"] = {f"ours/{k}": tok("ours") / tok(k) for k in timed}
     if "tok_s" in rows.get("ours_muon", {}):  # a cost: step time over AdamW's
         res["muon_step_ratio"] = tok("ours") / tok("ours_muon")
     return res

@@ -39,7 +39,8 @@ import mlx.core as mx  # noqa: E402
 from src.backend import policy  # noqa: E402
 from src.checkpoint.contents import load_model  # noqa: E402
 from src.config import load_config  # noqa: E402
-from src.data.tokens import TokenLoader, write_tokens  # noqa: E402
+from src.data.loader import TokenLoader  # noqa: E402
+from src.data.tokens import write_tokens  # noqa: E402
 from src.eval.cli import encode_text  # noqa: E402
 from src.eval.evaluator import Evaluator, make_eval_fn  # noqa: E402
 from src.inference.generate import generate_tokens  # noqa: E402
@@ -110,7 +111,7 @@ def estimate(config: str, baseline: bool) -> float:
     else:
         model = Model(m)
         model.eval()
-        fn = make_eval_fn(model)
+        fn = make_eval_fn(model, streams=policy.streams())  # as python -m src.eval
         t0 = time.perf_counter()
         list(generate_tokens(model, tok.encode(PROMPTS[0]), 8, 0.8, seed=0))
         per_token_s = (time.perf_counter() - t0) / 8
@@ -146,7 +147,7 @@ def score(args) -> dict:
         ctx, vocab = model.config.context_length, model.config.vocab_size
         t = meta.get("config", {}).get("training", {})
         per_step = t.get("batch_size", 0) * t.get("grad_accum_steps", 1) * ctx
-        fn = make_eval_fn(model)
+        fn = make_eval_fn(model, streams=policy.streams())  # as python -m src.eval
         samples = [
             (p, tok.decode(list(generate_tokens(
                 model, tok.encode(p), SAMPLE_TOKENS, 0.8, seed=0, eos_id=tok.eos_id))))

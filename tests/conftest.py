@@ -11,12 +11,18 @@ here from a fixed seed), so the suite runs, rather than skips, without it.
 
 import os
 import random
+import signal
 import warnings
 from pathlib import Path
 
 import pytest
 
 import src  # noqa: F401  (must precede every mlx import)
+
+# pytest-xdist's workers (scripts/test.sh) ignore SIGINT, and a child inherits an
+# ignored signal: the commands the tests Ctrl-C would never see it. Restore it.
+if signal.getsignal(signal.SIGINT) == signal.SIG_IGN:
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 
 # Runs in tests keep the default execution policy instead of measuring one at
 # start (and never write ~/.cache); tests/test_autotune.py turns it back on.

@@ -35,6 +35,7 @@ def test_workers_agree_take_turns_and_report(tmp_path):
     assert set(res["gemm_gflops"]) == {"mlx", "torch"}
     assert all(v > 0 for v in res["gemm_gflops"].values())
     assert res["ratios"]["ours/torch"] == rows["ours"]["tok_s"] / rows["torch"]["tok_s"]
+    assert set(res["ratios"]) == {"ours/torch", "ours/mlx_lm"}  # only what ran
     md = (tmp_path / "bench.md").read_text()
     assert "| mlx_lm |" in md and "ours/mlx_lm" in md
     machine = json.loads((tmp_path / "bench.json").read_text())["machine"]
@@ -311,3 +312,32 @@ def test_bf16_against_torch_on_cuda(tmp_path):
     assert (
         f"torch on {report['devices']['torch']}" in (tmp_path / "bench.md").read_text()
     )
+
+
+# ------------------------------------------------ scripts/bench_kernels.py
+
+
+def test_kernel_benchmark_times_ours_against_each_reference(tmp_path):
+    """Every kernel has ours, MLX's fused op and (with --torch) torch's, each
+    timed, ratios against ours."""
+    out = tmp_path / "kernels.json"
+    proc = subprocess.run(
+        [sys.executable, "scripts/bench_kernels.py", "--tokens", "64", "--vocab",
+         "256", "--width", "64", "--repeats", "2", "--torch", "--json", str(out)],
+        cwd=ROOT, capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    assert "machine: " in proc.stdout and "| cross_entropy | torch |" in proc.stdout
+    got = json.loads(out.read_text())
+    assert got["shape"] == {"tokens": 64, "vocab": 256, "width": 64}
+    for kernel in ("cross_entropy", "softmax", "silu_mul"):
+        assert set(got["ms"][kernel]) == {"ours", "mlx_fused", "torch"}, got["ms"]
+    assert all(ms > 0 for row in got["ms"].values() for ms in row.values())
+    assert got["machine"]["cpu_model"]
+
+
+def test_kernel_benchmark_bad_values_are_one_error_line():
+    for args in (["--tokens", "0"], ["--vocab", "x"], ["--bogus"]):
+        proc = subprocess.run([sys.executable, "scripts/bench_kernels.py", *args],
+                              cwd=ROOT, capture_output=True, text=True, timeout=60)  # fmt: skip
+        assert args[0] in one_error(proc)

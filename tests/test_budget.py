@@ -7,7 +7,12 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
+
 from src.checkpoint.store import list_checkpoints
+
+# The step count is measured from the clock: run alone (scripts/test.sh).
+pytestmark = pytest.mark.serial
 
 ROOT = Path(__file__).resolve().parents[1]
 

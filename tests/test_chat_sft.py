@@ -16,8 +16,9 @@ import pytest
 from mlx.utils import tree_flatten
 
 from src.data.documents import assistant_mask
+from src.data.loader import TokenLoader
 from src.data.masks import MASK_HEADER
-from src.data.tokens import TokenLoader, open_tokens
+from src.data.tokens import open_tokens
 from src.template import CHAT, render_conversation
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -17,7 +17,8 @@ from src.corpus import sources as C
 from src.corpus import text as CT
 from src.data import cli as D
 from src.data import tokens as T
-from src.data.tokens import TokenLoader, validate_token_file, write_tokens
+from src.data.loader import TokenLoader
+from src.data.tokens import validate_token_file, write_tokens
 from src.errors import DataError
 from src.tokenizer.spm import Tokenizer
 from src.tokenizer.training import train_tokenizer

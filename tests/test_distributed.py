@@ -15,6 +15,9 @@ from pathlib import Path
 
 import pytest
 
+# Ranks must connect and fail within seconds: run alone (scripts/test.sh).
+pytestmark = pytest.mark.serial
+
 ROOT = Path(__file__).resolve().parents[1]
 STEPS = 40  # long enough that a signal sent at step 5 lands mid-run
 

@@ -13,7 +13,8 @@ import mlx.core as mx
 import numpy as np
 import pytest
 
-from src.data.tokens import TokenLoader, write_tokens
+from src.data.loader import TokenLoader
+from src.data.tokens import write_tokens
 from src.eval import cli as ev
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -26,6 +26,7 @@ import pytest
 from src.checkpoint.store import list_checkpoints, verify_checkpoint
 from src.data import cli as D
 from src.data import tokens as T
+from src.data.loader import TokenLoader
 from src.errors import DataError
 from src.tokenizer.spm import Tokenizer
 from src.tokenizer.training import train_tokenizer
@@ -176,7 +177,7 @@ def test_item5_loader_reads_the_file_it_checked(tmp_path):
     path = tmp_path / "t.bin"
     ids = np.random.default_rng(0).integers(0, 1000, 5000)
     T.write_tokens(path, ids, 1000)
-    loader = T.TokenLoader(path, 16, 1000)
+    loader = TokenLoader(path, 16, 1000)
     first = loader.batch(1, 7, 8)
     val = list(loader.val_batches(4, 200))
     starts = np.random.default_rng([1, 7]).integers(0, 5000 - 16, 8)
@@ -193,7 +194,7 @@ def test_item5_loader_reads_the_file_it_checked(tmp_path):
     # changed in place: truncated, or rewritten with the same size
     for change in ("truncate", "rewrite"):
         T.write_tokens(path, ids, 1000)
-        loader = T.TokenLoader(path, 16, 1000)
+        loader = TokenLoader(path, 16, 1000)
         time.sleep(0.05)  # a new mtime
         if change == "truncate":
             os.truncate(path, 100)
@@ -452,21 +453,21 @@ def test_item20_version_1_and_2_files_are_read(tiny_dataset, tmp_path):
     assert (two["version"], two["tokenizer_sha256"]) == (2, sha)
     assert one["docs"] == two["docs"] and one["max_id"] == two["max_id"]
     for path in (v1, v2):
-        loader = T.TokenLoader(path, 64, 512, sha)
+        loader = TokenLoader(path, 64, 512, sha)
         np.testing.assert_array_equal(
-            loader.batch(0, 3, 4), T.TokenLoader(v2, 64, 512).batch(0, 3, 4)
+            loader.batch(0, 3, 4), TokenLoader(v2, 64, 512).batch(0, 3, 4)
         )
     proc = data_cli("split", "--input", v2, "--output", tmp_path / "s",
                     "--val-tokens", 2000)  # fmt: skip
     assert proc.returncode == 0, proc.stderr
     for split in ("train", "val"):
         assert T.read_header(tmp_path / "s" / f"{split}.bin").tokenizer_sha256 == sha
-        T.TokenLoader(tmp_path / "s" / f"{split}.bin", 64, 512, sha)
+        TokenLoader(tmp_path / "s" / f"{split}.bin", 64, 512, sha)
     meta = json.loads((tmp_path / "s" / "meta.json").read_text())
     meta["tokenizer"]["sha256"] = "f" * 64
     (tmp_path / "s" / "meta.json").write_text(json.dumps(meta))
     with pytest.raises(DataError, match="header names tokenizer sha256"):
-        T.TokenLoader(tmp_path / "s" / "train.bin", 64, 512)
+        TokenLoader(tmp_path / "s" / "train.bin", 64, 512)
 
 
 # -------------------------------------------------- hostile values at the door

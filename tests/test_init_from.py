@@ -24,7 +24,7 @@ import pytest
 from commands import run, user_error
 from hf_models import CONTEXT, hf_folder, train_bpe
 
-from src.data.tokens import TokenLoader
+from src.data.loader import TokenLoader
 from src.tokenizer.kinds import load_tokenizer
 
 torch = pytest.importorskip("torch", reason="needs the torch extra")

@@ -19,7 +19,7 @@ from test_convert import convert_, make_checkpoint, mlx_greedy, mlx_logits
 
 from src.checkpoint.contents import load_model
 from src.config import ModelConfig
-from src.data.tokens import TokenLoader
+from src.data.loader import TokenLoader
 from src.eval.evaluator import Evaluator, make_eval_fn
 from src.inference.cache import make_cache
 from src.inference.generate import Decoder, prefill

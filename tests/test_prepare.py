@@ -15,6 +15,7 @@ import pytest
 from src.data import cli as D
 from src.data import tokens as T
 from src.data.documents import QualityFilter, repetition
+from src.data.loader import TokenLoader
 from src.tokenizer.spm import Tokenizer
 
 EOS, BOS = 3, 2
@@ -269,7 +270,7 @@ def test_split_by_index_at_a_document_boundary(capsys, tmp_path, prepared, tok_d
     assert len(b) <= round(0.25 * len(whole))
     meta = json.loads((tmp_path / "s" / "meta.json").read_text())
     assert meta["tokenizer"]["sha256"] == Tokenizer.load(tok_dir).sha256
-    T.TokenLoader(tmp_path / "s" / "val.bin", 8, 400)  # the sidecar checks out
+    TokenLoader(tmp_path / "s" / "val.bin", 8, 400)  # the sidecar checks out
     code, _, err = run(
         capsys,
         "split",

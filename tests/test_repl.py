@@ -29,6 +29,9 @@ from src.checkpoint.contents import build_meta
 from src.model.transformer import Model
 from src.tokenizer.spm import Tokenizer
 
+# A pseudo-terminal read with timeouts: run alone (scripts/test.sh).
+pytestmark = pytest.mark.serial
+
 ROOT = Path(__file__).resolve().parents[1]
 CONTEXT = 64
 

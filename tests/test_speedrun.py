@@ -11,6 +11,9 @@ from pathlib import Path
 import pytest
 import yaml
 
+# Each arm must fit its seconds: run alone (scripts/test.sh).
+pytestmark = pytest.mark.serial
+
 ROOT = Path(__file__).resolve().parents[1]
 SHARED_DATA = ROOT.parent / "shared" / "data"
 

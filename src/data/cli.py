@@ -1,7 +1,7 @@
 """The data CLI: `prepare`, `split`, `stats`, `locate` and `download`.
 
 Reading sources is `src.corpus`, filtering/encoding/splitting `src.data.prepare`,
-the token-file format and loader `src.data.tokens`. No MLX or torch here.
+the token-file format `src.data.tokens` and its loader `src.data.loader`. No MLX or torch here.
 
     python -m src.data prepare --input data/raw/tinystories_train.txt \\
         --tokenizer data/tokenizer --output data/tinystories

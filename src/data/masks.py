@@ -9,7 +9,7 @@ those targets), after a 24-byte header:
         12     4  reserved    0
         16     8  n_tokens    the token file's count
 
-`src.data.tokens.TokenLoader` opens it with the token file and checks it fully
+`src.data.loader.TokenLoader` opens it with the token file and checks it fully
 (magic, version, size, the count against the token file's, every value 0 or 1); a
 mask that meta.json names but that is missing or damaged is a DataError naming
 it. Mask windows are cut at the same offsets as the token windows.

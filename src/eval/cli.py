@@ -35,7 +35,8 @@ from ..backend import policy
 from ..checkpoint.contents import load_model
 from ..corpus.sources import ReadOptions, iter_corpus, open_sources
 from ..corpus.text import DOC_DELIMITER
-from ..data.tokens import MAGIC, TokenLoader, token_dtype, write_tokens
+from ..data.loader import TokenLoader
+from ..data.tokens import MAGIC, token_dtype, write_tokens
 from ..errors import DataError, UsageError, utf8_problem
 from ..model.matformer import check_fraction, narrowed
 from .evaluator import Evaluator, make_eval_fn

@@ -33,7 +33,7 @@ import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 
-from ..data.tokens import TokenLoader
+from ..data.loader import TokenLoader
 from ..model.loss import routed_summed_loss, summed_loss
 
 # batch (B, L+1) [, mask (B, L+1) bool] -> summed loss in nats; an MoE model's

@@ -33,7 +33,7 @@ from .. import report
 from ..checkpoint import store
 from ..checkpoint.contents import load_weights, open_checkpoint, source_record
 from ..config import Config
-from ..data.tokens import TokenLoader
+from ..data.loader import TokenLoader
 from ..errors import CheckpointError, ConfigError
 from ..files import check_creatable, check_writable
 from ..tokenizer.kinds import TokenizerLike, load_tokenizer

@@ -40,7 +40,7 @@ from ..checkpoint import store
 from ..checkpoint.contents import build_meta
 from ..cli import fmt_bytes
 from ..config import Config, dump_config
-from ..data.tokens import TokenLoader
+from ..data.loader import TokenLoader
 from ..errors import ConfigError, DataError
 from ..eval.evaluator import Evaluator
 from ..inference.generate import generate_tokens
